@@ -1,0 +1,212 @@
+"""One merge of N ComfyUI inputs: validate, read effective weights once, solve, return patches.
+
+Linear methods (weighted mean, geometric median, Karcher) give per-key coefficients a_i (and a_b
+on the base in task-vector mode); the merged weight is Σ a_i x_i + a_b b, handed to ComfyUI as
+patches on a clone of model_1 exactly like its own ModelMergeSimple: the first patch scales
+model_1's weight by a_1 (strength_model), every input adds a_i times its effective weight. ComfyUI
+computes it on its load device when the model is used; no merged copy sits in RAM.
+Tensor methods (element median, sign-elected median) give a tensor per key: a set-patch
+(strength_patch 1, strength_model 0).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..kernels import (REGISTRY, MergeInputError, gram_matrix, parse_weights, scope_units, solve,
+                       task_vector_coefficients, block_of)
+from . import host_api
+from .sources import Source
+
+
+@dataclass
+class MergeResult:
+    merged: Any  # clone of input 1 (MODEL or CLIP) carrying the merge as patches
+    report: dict
+
+    def report_json(self) -> str:
+        return json.dumps(self.report, separators=(",", ":"), allow_nan=False, default=_jsonable)
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    raise TypeError(type(x).__name__)
+
+
+def validate(sources: list[Source], base: Source | None) -> list[str]:
+    """Same family, same keys, same shapes; returns the keys to merge (model_1's order)."""
+    if len(sources) < 2:
+        raise MergeInputError(f"a merge needs at least two inputs; got {len(sources)}")
+    first = sources[0]
+    keys = first.keys()
+    if not keys:
+        raise MergeInputError(f"{first.name} has no weights to merge")
+    shapes = {k: tuple(first.stored(k).shape) for k in keys}
+    for other in sources[1:] + ([base] if base is not None else []):
+        if other.kind != first.kind:
+            raise MergeInputError(f"{other.name} is a {other.kind.upper()} but {first.name} is a {first.kind.upper()}")
+        if other.family != first.family:
+            raise MergeInputError(
+                f"{other.name} is {other.family} but {first.name} is {first.family}: "
+                f"only models of the same architecture can be merged")
+        other_keys = set(other.keys())
+        missing = [k for k in keys if k not in other_keys]
+        extra = sorted(other_keys.difference(shapes))
+        if missing or extra:
+            what = (f"lacks {len(missing)} of {first.name}'s keys, e.g. '{missing[0]}'" if missing
+                    else f"has {len(extra)} keys that {first.name} lacks, e.g. '{extra[0]}'")
+            raise MergeInputError(f"{other.name} {what}: the models do not have the same architecture")
+        for k in keys:
+            s = tuple(other.stored(k).shape)
+            if s != shapes[k]:
+                raise MergeInputError(
+                    f"key '{k}': {other.name} has shape {list(s)} but {first.name} has {list(shapes[k])}")
+    return keys
+
+
+def merge(sources: list[Source], *, method: str, weights="", base: Source | None = None,
+          strength: float = 1.0, scope: str = "tensor", params: dict | None = None,
+          device: str = "auto") -> MergeResult:
+    params = dict(params or {})
+    if method not in REGISTRY:
+        raise MergeInputError(f"unknown merge method '{method}'; known: {', '.join(sorted(REGISTRY))}")
+    info = REGISTRY[method]
+    if scope not in info.scopes:
+        raise MergeInputError(f"{method} does not support scope '{scope}'; use one of {', '.join(info.scopes)}")
+    if info.needs_base and base is None:
+        raise MergeInputError(f"{method} needs a base_model (it works on task vectors x_i - base)")
+    if not (-16.0 <= float(strength) <= 16.0) or strength != strength:
+        raise MergeInputError(f"strength must be a finite number in [-16, 16]; got {strength}")
+    keys = validate(sources, base)
+    n = len(sources)
+    w = parse_weights(weights, n)
+    dev = host_api.compute_device(device)
+    t0 = time.perf_counter()
+    report: dict = {
+        "method": method, "scope": scope, "models": [s.name for s in sources],
+        "families": sources[0].family, "weights": w.tolist(),
+        "base": base.name if base is not None else None, "strength": float(strength),
+        "device": str(dev), "keys": len(keys),
+    }
+    merged = sources[0].owner.clone()
+    if info.linear:
+        unit_ids, unit_names = _units(keys, scope)
+        if method == "weighted_mean":
+            coeffs = w.unsqueeze(0).expand(len(unit_names), n)
+            record: dict = {}
+        else:
+            grams = _gram_pass(sources, base, keys, dev)
+            t_read = time.perf_counter()
+            unit_grams = torch.zeros((len(unit_names),) + grams.shape[1:], dtype=grams.dtype, device=grams.device)
+            unit_grams.index_add_(0, unit_ids.to(grams.device), grams)
+            sol = solve(method, unit_grams, w.to(unit_grams.device), **params)
+            coeffs, record = sol.coeffs, sol.record
+            report["timing"] = {"read_s": t_read - t0, "solve_s": time.perf_counter() - t_read}
+        _add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength)
+        report["units"] = _unit_report(unit_names, coeffs, record)
+    else:
+        report["units"] = _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, dev)
+    host_api.release(dev)
+    report.setdefault("timing", {})["total_s"] = time.perf_counter() - t0
+    return MergeResult(merged, report)
+
+
+def _units(keys: list[str], scope: str):
+    groups = scope_units(keys, scope)
+    unit_ids = torch.empty(len(keys), dtype=torch.long)
+    names = []
+    for u, idx in enumerate(groups):
+        unit_ids[idx] = u
+        first = keys[idx[0]]
+        names.append(first if scope == "tensor" else block_of(first) if scope == "block" else "model")
+    return unit_ids, names
+
+
+def _read_all(sources, base, key, dev):
+    xs = [s.read(key, dev) for s in sources]
+    b = base.read(key, dev) if base is not None else None
+    return xs, b
+
+
+def _gram_pass(sources, base, keys, dev) -> torch.Tensor:
+    """One read of every input: the (N+1)x(N+1) fp64 Gram per key, stacked (K, N+1, N+1)."""
+    largest = max(sources[0].stored(k).numel() for k in keys)
+    host_api.make_room(dev, 4 * largest * (len(sources) + 2) * 2)
+    progress = host_api.Progress(len(keys))
+    grams = []
+    for j, key in enumerate(keys):
+        xs, b = _read_all(sources, base, key, dev)
+        grams.append(gram_matrix(xs, b))
+        progress(j + 1)
+    g = torch.stack(grams)
+    bad = ~torch.isfinite(g).flatten(1).all(dim=1)
+    if bool(bad.any()):  # one sync after the pass; find who holds the NaN/Inf
+        key = keys[int(bad.nonzero()[0, 0])]
+        for s in sources + ([base] if base is not None else []):
+            x = s.read(key, dev)
+            if not bool(torch.isfinite(x).all()):
+                kind = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+                raise MergeInputError(f"{s.name} has {kind} values in key '{key}'")
+        raise MergeInputError(f"key '{key}': the inputs' values overflow float32 (norms beyond ~1e19)")
+    return g
+
+
+def _add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):
+    if base is not None:
+        a, a_b = task_vector_coefficients(coeffs, strength)
+        a_b = a_b.tolist()
+    else:
+        a, a_b = coeffs, None
+    a = a.tolist()
+    unit_ids = unit_ids.tolist()
+    # Keys sharing one coefficient row go in one add_patches call per input (current ComfyUI
+    # rebuilds a state dict per call).
+    by_unit: dict[int, list[str]] = {}
+    for key, u in zip(keys, unit_ids):
+        by_unit.setdefault(u, []).append(key)
+    for u, ks in by_unit.items():
+        row = a[u]
+        merged.add_patches({k: sources[1].patch_value(k) for k in ks}, row[1], row[0])
+        for i in range(2, len(sources)):
+            merged.add_patches({k: sources[i].patch_value(k) for k in ks}, row[i], 1.0)
+        if base is not None:
+            merged.add_patches({k: base.patch_value(k) for k in ks}, a_b[u], 1.0)
+
+
+def _unit_report(names, coeffs, record) -> list[dict]:
+    rows = coeffs.tolist()
+    out = []
+    for u, name in enumerate(names):
+        entry = {"name": name, "coefficients": rows[u]}
+        for field, values in record.items():
+            if isinstance(values, torch.Tensor):
+                values = values.tolist()
+            if isinstance(values, (list, tuple)) and len(values) == len(names):
+                entry[field] = values[u]
+        out.append(entry)
+    return out
+
+
+def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, dev) -> list[dict]:
+    """Per-key tensor results (element / sign-elected median) as set-patches."""
+    progress = host_api.Progress(len(keys))
+    out_device = torch.device("cpu")
+    units = []
+    patches = {}
+    for j, key in enumerate(keys):
+        xs, b = _read_all(sources, base, key, dev)
+        result, record = info.merge_tensors(xs, base=b, weights=w.to(dev), strength=strength, **params)
+        patches[key] = (result.to(dtype=sources[0].stored(key).dtype).to(out_device),)
+        units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
+        progress(j + 1)
+    merged.add_patches(patches, 1.0, 0.0)
+    return units
+
+
+def _is_small(v) -> bool:
+    return isinstance(v, (int, float, bool, str)) or (isinstance(v, (list, tuple)) and len(v) <= 64)

@@ -1,0 +1,103 @@
+"""Start a real ComfyUI (`main.py --cpu`) on a free loopback port, with the pack registered."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .client import ComfyClient
+from .host import Host, ensure_host, write_extra_paths
+from .paths import CACHE, VENV_PYTHON
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, run_dir: Path, checkpoint_dirs=(), lora_dirs=(), host: Host | None = None,
+                 extra_args=()):
+        self.host = host or ensure_host()
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dirs = [Path(d) for d in checkpoint_dirs]
+        self.lora_dirs = [Path(d) for d in lora_dirs]
+        self.extra_args = list(extra_args)
+        self.port = None
+        self.proc = None
+        self.log_path = self.run_dir / "server.log"
+        self.startup_s = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.run_dir / "output"
+
+    def start(self, timeout: float = 180.0) -> ComfyClient:
+        for sub in ("output", "input", "temp", "user"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        yaml = write_extra_paths(self.run_dir, self.checkpoint_dirs, self.lora_dirs)
+        self.port = free_port()
+        python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+        args = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                "--output-directory", str(self.output_dir), "--input-directory", str(self.run_dir / "input"),
+                "--temp-directory", str(self.run_dir / "temp"), "--extra-model-paths-config", str(yaml),
+                "--disable-auto-launch"]
+        if not self.host.is_snapshot:  # keep the user's tree untouched: user data and db in the run dir
+            args += ["--base-directory", str(self.run_dir), "--user-directory", str(self.run_dir / "user"),
+                     "--database-url", f"sqlite:///{self.run_dir / 'user' / 'comfyui.db'}"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   DO_NOT_TRACK="1")
+        self._log = open(self.log_path, "ab")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(args + self.extra_args, cwd=self.host.tree, stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        client = ComfyClient(self.url)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+            try:
+                client.object_info("CheckpointLoaderSimple")
+                break
+            except Exception:
+                if time.monotonic() - t0 > timeout:
+                    self.stop()
+                    raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s; log:\n{self.log_tail()}")
+                time.sleep(0.25)
+        self.startup_s = time.monotonic() - t0
+        return client
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def default_run_dir(name: str) -> Path:
+    d = CACHE / "runs" / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
