@@ -1,0 +1,183 @@
+"""The one read of the data: an fp64 Gram matrix per key, from which every linear method solves.
+
+Points p_i = x_i (or x_i - base in task-vector mode), i = 1..N. The kernel returns the augmented
+(N+1)x(N+1) Gram of [m, d_1..d_N] with m = mean_i p_i and d_i = p_i - m. Inner products add up
+over keys, so the Gram of a block or of the whole model (the concatenation of its keys) is the sum
+of the keys' Grams.
+
+How it is computed (precision, then speed):
+- Per chunk the inputs are converted to the compute dtype (fp32; fp64 when an input is fp64) and
+  pivoted on p_1: rows b_0 = p_1, b_i = x_{i+1} - x_1 (the base cancels in the differences).
+  The Gram of the b rows is accumulated chunk by chunk in fp64 and mapped to [m, d] at the end by
+  an exact-rational linear map (fp64). Differences are formed before any product, so distances
+  keep fp32 relative accuracy however close the models are (an uncentred fp32 Gram loses
+  ~(‖x‖/‖x_i - x_j‖)^2 of it). Identical inputs give b_i = 0 exactly, hence a d-block that is
+  exactly zero (solvers use that to return the input bit-exactly).
+- Products are matrix-vector products over rows (N gemv calls per chunk): for a handful of rows
+  this runs near memory speed, a (N x c)(c x N) gemm does not. Chunks of 2^17 elements stay in
+  the CPU cache; on CUDA chunks are 2^24 elements (fewer launches). Peak memory: N+1 rows of
+  one chunk in the compute dtype.
+- Norms ‖p_i‖^2 = ‖m‖^2 + 2<m,d_i> + ‖d_i‖^2 are accurate relative to ‖p_i‖^2 when the inputs
+  have similar norms (always the case for fine-tunes); a point much closer to 0 than the others
+  gets an absolute error ~1e-7·max‖p‖^2 (fp32 data). Exact zeros (a task vector equal to 0
+  because the model equals the base) are detected and made exact, so Karcher can exclude them.
+- NaN/Inf in an input shows up as a non-finite Gram; the input is then located and named.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .errors import MergeInputError, model_name
+
+CPU_CHUNK = 1 << 17
+CUDA_CHUNK = 1 << 24
+_MV_MAX_ROWS = 12  # up to this many rows gemv per row beats one skinny gemm on CPU
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def default_chunk(device: torch.device) -> int:
+    return CPU_CHUNK if torch.device(device).type == "cpu" else CUDA_CHUNK
+
+
+def pivot_map(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """(N+1, N) map T with [m, d_1..d_N] = T @ [b_0..b_{N-1}] (b_0 = p_1, b_i = p_{i+1} - p_1)."""
+    t = torch.zeros(n + 1, n, dtype=dtype, device=device)
+    t[0, 0] = 1.0
+    if n > 1:
+        t[0, 1:] = 1.0 / n
+        t[1:, 1:] = -1.0 / n
+        t[2:, 1:] += torch.eye(n - 1, dtype=dtype, device=device)
+    return t
+
+
+def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
+                chunk_elems: int | None = None, key: str = "tensor", check: bool = True) -> torch.Tensor:
+    """Augmented (N+1)x(N+1) fp64 Gram of [m, d_1..d_N] for one key, on xs[0].device.
+
+    xs: N tensors of one shape, any float dtype (fp64/32/16, bf16, fp8); base: optional, same
+    shape (task-vector mode, points x_i - base). chunk_elems: elements per chunk (default 2^17
+    on CPU, 2^24 on CUDA). check: one host sync per key to name the input holding NaN/Inf
+    (MergeInputError) and to make exact-zero points exact; False skips both.
+    """
+    n = len(xs)
+    if n == 0:
+        raise MergeInputError(f"key '{key}': no input tensors")
+    dev = xs[0].device
+    cdt = compute_dtype(*xs, base)
+    numel = xs[0].numel()
+    if numel == 0:
+        return torch.zeros(n + 1, n + 1, dtype=torch.float64, device=dev)
+    chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
+    flat = [x.reshape(-1) for x in xs]
+    fb = base.reshape(-1) if base is not None else None
+    rows = n + (1 if base is not None else 0)
+    buf = torch.empty(rows, chunk, dtype=cdt, device=dev)
+    nchunks = -(-numel // chunk)
+    parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
+    for j in range(nchunks):
+        a = j * chunk
+        e = min(numel, a + chunk)
+        b = buf[:, : e - a]
+        for i in range(n):
+            b[i].copy_(flat[i][a:e])
+        if n > 1:
+            b[1:n].sub_(b[0])
+        if fb is not None:
+            b[n].copy_(fb[a:e])
+            b[0].sub_(b[n])
+        chunk_products(b[:n], parts[j])
+    beta = finish_products(parts)
+    if check:
+        beta = _checked(beta, xs, base, key)
+    t = pivot_map(n, device=dev)
+    return t @ beta @ t.T
+
+
+def chunk_products(b: torch.Tensor, out: torch.Tensor) -> None:
+    """Upper triangle of b b^T (rows of one chunk) into out (N, N), compute dtype."""
+    n = b.shape[0]
+    if n <= _MV_MAX_ROWS:
+        for i in range(n):
+            torch.mv(b[i:], b[i], out=out[i, i:])
+    else:
+        torch.mm(b, b.T, out=out)
+
+
+def finish_products(parts: torch.Tensor) -> torch.Tensor:
+    """Sum per-chunk products (C, N, N) in fp64 and symmetrise from the upper triangle."""
+    beta = parts.to(torch.float64).sum(0)
+    return beta.triu() + beta.triu(1).T
+
+
+def _checked(beta: torch.Tensor, xs, base, key: str) -> torch.Tensor:
+    n = beta.shape[0]
+    # squared norms of p_i from the pivoted Gram: p_1 = b_0, p_i = b_0 + b_{i-1}
+    d = beta.diagonal()
+    sq = torch.cat([d[:1], d[0] + 2 * beta[0, 1:] + d[1:]])
+    flags = torch.stack([~torch.isfinite(beta).all(), (sq <= 1e-4 * sq.max()).any() & (sq.max() > 0)])
+    bad, small = flags.tolist()  # the one host sync per key
+    if bad:
+        for name, x in [(model_name(i), x) for i, x in enumerate(xs)] + [("base_model", base)]:
+            if x is None:
+                continue
+            from .inputs import nonfinite_kind
+            kind = nonfinite_kind(x)
+            if kind:
+                raise MergeInputError(f"key '{key}': {name} contains {kind} values")
+        raise MergeInputError(f"key '{key}': the inputs overflow the compute precision (norms beyond ~1e19)")
+    if small and n > 1:
+        zero = [i for i in range(1, n) if _is_zero_point(xs[i], base) and float(sq[i]) <= 1e-4 * float(sq.max())]
+        if zero:  # p_i = 0 exactly: b_{i-1} = -b_0, make its Gram rows exact
+            r = torch.eye(n, dtype=beta.dtype, device=beta.device)
+            for i in zero:
+                r[i] = 0
+                r[i, 0] = -1
+            beta = r @ beta @ r.T
+    return beta
+
+
+def _is_zero_point(x: torch.Tensor, base: torch.Tensor | None, chunk: int = 1 << 22) -> bool:
+    fx = x.reshape(-1)
+    fb = base.reshape(-1) if base is not None else None
+    cdt = compute_dtype(x, base)
+    for a in range(0, fx.numel(), chunk):
+        part = fx[a:a + chunk].to(cdt)
+        if fb is not None:
+            part = part - fb[a:a + chunk].to(cdt)
+        if bool(part.any()):
+            return False
+    return True
+
+
+def centred(grams: torch.Tensor) -> torch.Tensor:
+    """The d-block (..., N, N) of augmented Grams, symmetrised."""
+    g = grams[..., 1:, 1:]
+    return (g + g.transpose(-1, -2)) / 2
+
+
+def pairwise_distances(grams: torch.Tensor) -> torch.Tensor:
+    """(..., N, N) distances ‖p_i - p_j‖ from augmented Grams (zero diagonal)."""
+    g = centred(grams)
+    d = g.diagonal(dim1=-2, dim2=-1)
+    sq = (d.unsqueeze(-1) + d.unsqueeze(-2) - 2 * g).clamp_min(0)
+    out = sq.sqrt()
+    return out * (1 - torch.eye(out.shape[-1], dtype=out.dtype, device=out.device))
+
+
+def point_norms(grams: torch.Tensor) -> torch.Tensor:
+    """(..., N) norms ‖p_i‖ from augmented Grams."""
+    g00 = grams[..., 0, 0].unsqueeze(-1)
+    g0 = grams[..., 0, 1:]
+    gd = grams[..., 1:, 1:].diagonal(dim1=-2, dim2=-1)
+    return (g00 + 2 * g0 + gd).clamp_min(0).sqrt()
+
+
+def quad(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Batched quadratic forms: g (K, M, M), v (K, R, M) -> (K, R) with v_r^T g v_r."""
+    return ((v @ g) * v).sum(-1)

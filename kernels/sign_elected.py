@@ -1,0 +1,126 @@
+"""Sign-elected median ("TSD v2.1", GeometricMedian(A^p)): TIES sign election on task vectors,
+then the geometric median of the sign-masked task vectors.
+
+Math. τ_i = x_i - base. Optional DARE drop (Yu et al. 2024): each entry of each τ_i is kept with
+probability 1 - p and rescaled by 1/(1 - p). Sign election (TIES, Yadav et al. 2023): per entry
+γ = sgn(Σ_i w_i τ_i) (the sign with the larger weighted total mass); entries of τ_i whose sign is
+not γ are zeroed, giving τ̃_i. Then the weighted geometric median of the τ̃_i (Weiszfeld with the
+Vardi-Zhang step, see geometric_median.py) over the whole tensor, and the result
+base + λ Σ c_i τ̃_i. The masks differ per element, so the result is a tensor, not a linear
+combination of the inputs.
+Two passes over the key: the Gram of the τ̃_i (fp64-accumulated, pivoted like gram.py), then the
+combination; chunks are regenerated identically in the second pass (same seed, same chunking),
+so no N full-size fp32 copies are held.
+Randomness: a torch.Generator on the compute device, seeded from (seed, key) via CRC32 (so keys
+of one shape get different masks and a run is reproducible); never the global RNG. CPU and CUDA
+generators give different streams, so results with drop_rate > 0 differ between devices.
+Identical inputs with drop_rate 0 return the input (strength 1) bit-exactly.
+References: P. Yadav et al., "TIES-Merging", NeurIPS 2023; L. Yu et al., "Language models are
+Super Mario" (DARE), ICML 2024; Vardi & Zhang, PNAS 2000.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Sequence
+
+import torch
+
+from . import geometric_median as gm
+from .combine import same_tensors
+from .errors import MergeInputError
+from .gram import chunk_products, compute_dtype, default_chunk, finish_products, pivot_map
+from .inputs import check_params, check_weights
+
+DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
+
+
+def key_seed(seed: int, key: str) -> int:
+    """Deterministic per-key seed from the user's seed and the key name."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + zlib.crc32(key.encode("utf-8"))) % (1 << 63)
+
+
+def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=None, *,
+                        strength: float = 1.0, drop_rate: float = 0.0, seed: int = 0, key: str = "",
+                        tol: float = gm.DEFAULTS["tol"], max_iter: int = gm.DEFAULTS["max_iter"],
+                        eps: float = gm.DEFAULTS["eps"], chunk_elems: int | None = None):
+    """-> (result tensor fp32 (fp64 for fp64 inputs) on xs[0].device, record dict of plain values)."""
+    if base is None:
+        raise MergeInputError("sign_elected_median needs a base model (it elects signs of x_i - base)")
+    n = len(xs)
+    if n == 0:
+        raise MergeInputError("sign_elected_median: no input tensors")
+    p = float(drop_rate)
+    if not (0.0 <= p < 1.0):
+        raise MergeInputError(f"drop_rate must be in [0, 1); got {drop_rate}")
+    try:
+        ok = not isinstance(seed, bool) and float(seed) == int(seed)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise MergeInputError(f"seed must be a whole number; got {seed!r}")
+    prm = check_params("sign_elected_median", {"tol": tol, "max_iter": max_iter, "eps": eps})
+    lam = float(strength)
+    if not math.isfinite(lam):
+        raise MergeInputError(f"strength must be finite; got {strength}")
+    w = check_weights(weights if weights is not None else torch.ones(n), n)
+    dev = xs[0].device
+    cdt = compute_dtype(*xs, base)
+    if p == 0.0 and same_tensors(list(xs)):
+        x = xs[0].to(dtype=cdt, copy=True)
+        out = x if lam == 1.0 else base.to(cdt) + lam * (x - base.to(cdt))
+        return out, {"coefficients": w.tolist(), "identical": True, "iterations": 0, "converged": True}
+
+    numel = xs[0].numel()
+    chunk = max(1, min(int(chunk_elems or default_chunk(dev)), max(numel, 1)))
+    flat = [x.reshape(-1) for x in xs]
+    fb = base.reshape(-1)
+    buf = torch.empty(n + 1, chunk, dtype=cdt, device=dev)
+    mask = torch.empty(n, chunk, dtype=cdt, device=dev) if p > 0 else None
+    wd = w.to(device=dev, dtype=cdt)
+    gen = torch.Generator(device=dev) if p > 0 else None
+    kseed = key_seed(int(seed), key)
+    kept = torch.zeros(n, dtype=torch.float64, device=dev)
+
+    def chunks():
+        if gen is not None:
+            gen.manual_seed(kseed)
+        for a in range(0, numel, chunk):
+            e = min(numel, a + chunk)
+            t = buf[:n, : e - a]
+            bb = buf[n, : e - a].copy_(fb[a:e])
+            for i in range(n):
+                t[i].copy_(flat[i][a:e])
+            t.sub_(bb)
+            if gen is not None:
+                m = mask[:, : e - a].bernoulli_(1.0 - p, generator=gen)
+                t.mul_(m).mul_(1.0 / (1.0 - p))
+            elected = torch.sign(wd @ t)
+            t.mul_(torch.sign(t) == elected)
+            yield a, e, t, bb
+
+    nchunks = max(1, -(-numel // chunk))
+    parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
+    for j, (a, e, t, _) in enumerate(chunks()):
+        kept += (t != 0).sum(1).to(torch.float64)
+        if n > 1:
+            t[1:].sub_(t[0])
+        chunk_products(t, parts[j])
+    tm = pivot_map(n, device=dev)
+    gram = tm @ finish_products(parts) @ tm.T
+    sol = gm.solve_geometric_median(gram[None], w, **prm)
+    c = sol.coeffs[0]
+    cc = (lam * c).to(device=dev, dtype=cdt)
+    out = torch.empty(xs[0].shape, dtype=cdt, device=dev)
+    fo = out.view(-1)
+    for a, e, t, bb in chunks():
+        torch.add(bb, cc @ t, out=fo[a:e])
+    rec = sol.record
+    return out, {
+        "coefficients": c.tolist(),
+        "iterations": int(rec["iterations"][0]),
+        "converged": bool(rec["converged"][0]),
+        "objective": float(rec["objective"][0]),
+        "kept_fraction": (kept / max(numel, 1)).tolist(),
+        "identical": False,
+    }
