@@ -7,16 +7,32 @@ import comfy.model_management as mm
 import comfy.utils
 
 
-def calculate_weight(patcher, patches, weight: torch.Tensor, key: str) -> torch.Tensor:
-    """Apply pending patches to `weight` (fp32, ours to modify) the way ComfyUI does at load time."""
+def _lora_calculate_weight():
     try:
         import comfy.lora as lora
-        fn = getattr(lora, "calculate_weight", None)
     except ImportError:  # pragma: no cover
-        fn = None
-    if fn is not None:  # current ComfyUI
-        return fn(patches, weight, key)
-    return patcher.calculate_weight(patches, weight, key)  # snapshot
+        return None
+    return getattr(lora, "calculate_weight", None)
+
+
+# current ComfyUI: comfy.lora.calculate_weight and 5-tuple patches; the snapshot: ModelPatcher's
+# method and 3-tuple patches (strength_patch, value, strength_model).
+_CALCULATE = _lora_calculate_weight()
+
+
+def calculate_weight(patcher, patches, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """Apply pending patches to `weight` (fp32, ours to modify) the way ComfyUI does at load time."""
+    if _CALCULATE is not None:
+        return _CALCULATE(patches, weight, key)
+    return patcher.calculate_weight(patches, weight, key)
+
+
+def scale_patch(coeff: float, ref: torch.Tensor) -> tuple:
+    """A patch entry that multiplies the weight so far by `coeff` and adds nothing (its strength is
+    0, so `ref` is never read). Appended to an input's patch list it turns 'x_i' into 'coeff·x_i',
+    which lets one add_patches call per input carry a different coefficient for every key."""
+    head = (0.0, (ref,), float(coeff))
+    return head + (None, None) if _CALCULATE is not None else head
 
 
 def compute_device(choice: str) -> torch.device:

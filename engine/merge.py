@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..kernels import (REGISTRY, MergeInputError, gram_matrix, parse_weights, scope_units, solve,
-                       task_vector_coefficients, block_of)
+from ..kernels import (MergeInputError, block_of, gram_matrix, pairwise_distances, parse_weights, resolve,
+                       scope_units, solve, task_vector_coefficients)
 from . import host_api
 from .sources import Source
 
@@ -73,11 +73,8 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
           strength: float = 1.0, scope: str = "tensor", params: dict | None = None,
           device: str = "auto") -> MergeResult:
     params = dict(params or {})
-    if method not in REGISTRY:
-        raise MergeInputError(f"unknown merge method '{method}'; known: {', '.join(sorted(REGISTRY))}")
-    info = REGISTRY[method]
-    if scope not in info.scopes:
-        raise MergeInputError(f"{method} does not support scope '{scope}'; use one of {', '.join(info.scopes)}")
+    info = resolve(method, scope)
+    method = info.name
     if info.needs_base and base is None:
         raise MergeInputError(f"{method} needs a base_model (it works on task vectors x_i - base)")
     if not (-16.0 <= float(strength) <= 16.0) or strength != strength:
@@ -107,6 +104,7 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
             sol = solve(method, unit_grams, w.to(unit_grams.device), **params)
             coeffs, record = sol.coeffs, sol.record
             report["timing"] = {"read_s": t_read - t0, "solve_s": time.perf_counter() - t_read}
+            report["distances"] = pairwise_distances(grams.sum(0)).tolist()
         _add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength)
         report["units"] = _unit_report(unit_names, coeffs, record)
     else:
@@ -141,41 +139,39 @@ def _gram_pass(sources, base, keys, dev) -> torch.Tensor:
     grams = []
     for j, key in enumerate(keys):
         xs, b = _read_all(sources, base, key, dev)
-        grams.append(gram_matrix(xs, b))
+        grams.append(gram_matrix(xs, b, key=key))
         progress(j + 1)
-    g = torch.stack(grams)
-    bad = ~torch.isfinite(g).flatten(1).all(dim=1)
-    if bool(bad.any()):  # one sync after the pass; find who holds the NaN/Inf
-        key = keys[int(bad.nonzero()[0, 0])]
-        for s in sources + ([base] if base is not None else []):
-            x = s.read(key, dev)
-            if not bool(torch.isfinite(x).all()):
-                kind = "NaN" if bool(torch.isnan(x).any()) else "Inf"
-                raise MergeInputError(f"{s.name} has {kind} values in key '{key}'")
-        raise MergeInputError(f"key '{key}': the inputs' values overflow float32 (norms beyond ~1e19)")
-    return g
+    return torch.stack(grams)
 
 
 def _add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):
     if base is not None:
         a, a_b = task_vector_coefficients(coeffs, strength)
-        a_b = a_b.tolist()
+        a = torch.cat([a, a_b[:, None]], dim=1)
+        inputs = sources + [base]
     else:
-        a, a_b = coeffs, None
-    a = a.tolist()
+        a, inputs = coeffs, sources
+    rows = a.tolist()  # one host sync for all coefficients
     unit_ids = unit_ids.tolist()
-    # Keys sharing one coefficient row go in one add_patches call per input (current ComfyUI
-    # rebuilds a state dict per call).
-    by_unit: dict[int, list[str]] = {}
-    for key, u in zip(keys, unit_ids):
-        by_unit.setdefault(u, []).append(key)
-    for u, ks in by_unit.items():
-        row = a[u]
-        merged.add_patches({k: sources[1].patch_value(k) for k in ks}, row[1], row[0])
-        for i in range(2, len(sources)):
-            merged.add_patches({k: sources[i].patch_value(k) for k in ks}, row[i], 1.0)
-        if base is not None:
-            merged.add_patches({k: base.patch_value(k) for k in ks}, a_b[u], 1.0)
+    if len(rows) <= 8:
+        # Few distinct rows (weighted mean, block or model scope): plain strengths, as ModelMergeSimple.
+        by_unit: dict[int, list[str]] = {}
+        for key, u in zip(keys, unit_ids):
+            by_unit.setdefault(u, []).append(key)
+        for u, ks in by_unit.items():
+            row = rows[u]
+            merged.add_patches({k: inputs[1].patch_value(k) for k in ks}, row[1], row[0])
+            for i in range(2, len(inputs)):
+                merged.add_patches({k: inputs[i].patch_value(k) for k in ks}, row[i], 1.0)
+        return
+    # A row per key: one add_patches call per input (current ComfyUI rebuilds a state dict per
+    # call), each key's coefficient folded into its value by a scaling patch. The first call zeroes
+    # model_1's own weight (strength_model 0) and adds back a_1 times its effective weight.
+    for i, src in enumerate(inputs):
+        patches = {}
+        for key, u in zip(keys, unit_ids):
+            patches[key] = list(src.patch_value(key)) + [host_api.scale_patch(rows[u][i], src.stored(key))]
+        merged.add_patches(patches, 1.0, 0.0 if i == 0 else 1.0)
 
 
 def _unit_report(names, coeffs, record) -> list[dict]:

@@ -22,12 +22,13 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, run_dir: Path, checkpoint_dirs=(), lora_dirs=(), host: Host | None = None,
-                 extra_args=()):
+                 extra_args=(), require_nodes=("BarycenterWeightedMean",)):
         self.host = host or ensure_host()
         self.run_dir = Path(run_dir)
         self.checkpoint_dirs = [Path(d) for d in checkpoint_dirs]
         self.lora_dirs = [Path(d) for d in lora_dirs]
         self.extra_args = list(extra_args)
+        self.require_nodes = list(require_nodes)
         self.port = None
         self.proc = None
         self.log_path = self.run_dir / "server.log"
@@ -73,6 +74,13 @@ class ComfyServer:
                     raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s; log:\n{self.log_tail()}")
                 time.sleep(0.25)
         self.startup_s = time.monotonic() - t0
+        # --quick-test-for-ci style checks pass even when a pack fails to import: ask for its nodes.
+        info = client.object_info()
+        missing = [n for n in self.require_nodes if n not in info]
+        if missing:
+            self.stop()
+            raise RuntimeError(f"ComfyUI started but lacks nodes {missing}: the pack failed to import; "
+                               f"log:\n{self.log_tail()}")
         return client
 
     def log_tail(self, chars: int = 6000) -> str:

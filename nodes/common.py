@@ -1,6 +1,8 @@
 """Input declarations and the call into the engine, shared by every merge node."""
 from __future__ import annotations
 
+import re
+
 from ..engine import clip_source, merge, model_source
 from ..kernels import MergeInputError
 
@@ -61,6 +63,10 @@ def run_merge(kind: str, method: str, kwargs: dict, *, scope: str = "tensor", pa
         result = merge(sources, method=method, weights=kwargs.get("weights", ""), base=base,
                        strength=strength, scope=scope, params=params, device=kwargs.get("device", "auto"))
     except MergeInputError as e:
-        # ComfyUI shows the exception text in the UI and in /history; keep it about the inputs.
-        raise MergeInputError(f"{method.replace('_', ' ')} merge: {e}") from None
+        # ComfyUI shows the exception text in the UI and in /history; keep it about the inputs,
+        # named as the node names them (kernels count "model_i" over the connected inputs).
+        names = [s.name for s in sources]
+        text = re.sub(r"\bmodel_(\d+)\b",
+                      lambda m: names[int(m.group(1)) - 1] if int(m.group(1)) <= len(names) else m.group(0), str(e))
+        raise MergeInputError(f"{method.replace('_', ' ')} merge: {text}") from None
     return result.merged, result.report_json()

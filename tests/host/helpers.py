@@ -1,0 +1,69 @@
+"""Helpers for host tests: tiny checkpoints by name, images, saved checkpoints, tensor hashes."""
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from harness import checkpoints
+from harness.graphs import Graph
+
+
+def ckpt(**kw) -> str:
+    """File name (as CheckpointLoaderSimple lists it) of a cached tiny checkpoint."""
+    return checkpoints.checkpoint(**kw).name
+
+
+def sd15_family(n: int, *, noise: float = 0.05, first_seed: int = 1, **kw) -> list[str]:
+    """n fine-tune-like SD1.5 checkpoints: one random base (seed 0) plus n different noises."""
+    return [ckpt(arch="sd15", seed=first_seed + i, base_seed=0, noise=noise, **kw) for i in range(n)]
+
+
+def image_array(client, run, node_id) -> np.ndarray:
+    imgs = run.images(node_id)
+    assert imgs, f"no image from node {node_id}; outputs: {run.outputs}; error: {run.error_text}"
+    return np.asarray(Image.open(io.BytesIO(client.view(imgs[0]))).convert("RGB"), dtype=np.float32)
+
+
+def assert_non_degenerate(img: np.ndarray) -> None:
+    assert img.ndim == 3 and img.shape[0] >= 32, img.shape
+    assert img.std() > 2.0, f"flat image (std {img.std():.3f})"
+    assert 2.0 < img.mean() < 253.0, f"black or white image (mean {img.mean():.1f})"
+
+
+def saved_checkpoint(server, prefix: str) -> dict[str, torch.Tensor]:
+    files = sorted((server.output_dir / Path(prefix).parent).glob(Path(prefix).name + "*.safetensors"))
+    assert files, f"CheckpointSave wrote nothing for {prefix} in {server.output_dir}"
+    return load_file(str(files[-1]))
+
+
+def unet(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p = "model.diffusion_model."
+    return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+
+
+def assert_close_to(saved: torch.Tensor, exact: torch.Tensor, key: str, ulps: float = 2.0) -> None:
+    """saved equals exact (fp64) up to `ulps` units of the saved dtype's rounding."""
+    eps = torch.finfo(saved.dtype).eps
+    err = (saved.double() - exact).abs()
+    tol = ulps * eps * exact.abs() + 1e-30 + ulps * eps * exact.abs().max() * 1e-3
+    bad = err > tol
+    assert not bool(bad.any()), (f"{key}: {int(bad.sum())} of {bad.numel()} values off; "
+                                 f"max err {float(err.max()):.3g}, max |x| {float(exact.abs().max()):.3g}")
+
+
+def tensors_hash(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_model_graph(g: Graph, model, clip, vae, prefix: str) -> str:
+    return g.add("CheckpointSave", model=model, clip=clip, vae=vae, filename_prefix=prefix)
