@@ -14,7 +14,8 @@ Two steps, so the caller's process never imports ComfyUI:
 
 Value rules (float tensors; `sigma` is the tensor's reference std):
 - weights with 2+ dims: N(0, sigma^2); UNet and TAESD sigma = 1/sqrt(fan_in) (the TAESD decoder's
-  output conv 0.25/sqrt(fan_in)), CLIP sigma = 0.02 (position embeddings 0.01).
+  output conv: 0.25/sqrt(fan_in), rows centred to sum 0), CLIP sigma = 0.02 (position embeddings
+  0.01).
 - 1-d `.weight` (GroupNorm/LayerNorm scales): 1; 1-d `.bias`: N(0, 0.01^2).
 - CLIP position_ids: arange(77) (int64); CLIP-G logit_scale ln(100); TAESD vae_scale 1/32 (see
   VAE_SCALE), vae_shift 0; the decoder's last bias 0.5 (else images come out near black).
@@ -55,7 +56,7 @@ from safetensors.torch import load_file, save_file
 
 from .paths import CACHE, REPO_ROOT, VENV_PYTHON
 
-GEN_VERSION = 3
+GEN_VERSION = 4
 CHECKPOINTS = CACHE / "checkpoints"  # registered as a checkpoints folder by the test server
 LORAS = CACHE / "loras"  # registered as a loras folder
 
@@ -268,17 +269,21 @@ def _rule(name: str, shape: list[int], decoder_last: str | None):
             return "normal", 0.0, 0.01
         return "normal", 0.0, 0.02
     fan_in = math.prod(shape[1:])
-    gain = 1.0
     if decoder_last is not None and name == decoder_last + ".weight":
-        gain = DECODER_OUT_GAIN
-    return "normal", 0.0, gain / math.sqrt(fan_in)
+        # rows with zero sum: the ReLU features it reads are all >= 0, so a random row would give
+        # each colour channel a random offset (images from near black to near white by seed)
+        return "centered", 0.0, DECODER_OUT_GAIN / math.sqrt(fan_in)
+    return "normal", 0.0, 1.0 / math.sqrt(fan_in)
 
 
 def _init(name, shape, seed, rule) -> torch.Tensor:
     kind, value, sigma = rule
     if kind == "const":
         return torch.full(shape, float(value), dtype=torch.float32)
-    return _randn(shape, seed, "init", name).mul_(sigma).add_(value)
+    w = _randn(shape, seed, "init", name)
+    if kind == "centered":
+        w -= w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    return w.mul_(sigma).add_(value)
 
 
 def _storage_dtypes(dtype: str) -> tuple[torch.dtype, torch.dtype]:
