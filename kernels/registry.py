@@ -6,19 +6,23 @@ math and references are in its module's docstring (MethodInfo.doc).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from . import element_median as _em
 from . import geometric_median as _gm
 from . import karcher as _ka
-from . import sign_elected as _se
 from . import weighted_mean as _wm
 from .errors import MergeInputError
 from .inputs import check_params
 from .solution import Solution
+
+# by module path: kernels/__init__ re-exports functions named like these modules, which shadow the
+# package attributes `element_median` / `sign_elected_median`
+_em = importlib.import_module(__package__ + ".element_median")
+_se = importlib.import_module(__package__ + ".sign_elected")
 
 
 @dataclass(frozen=True)
