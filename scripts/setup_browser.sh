@@ -41,5 +41,5 @@ if [ ! -f "$node_dir/node_modules/playwright-core/package.json" ]; then
   (cd "$node_dir" && npm install --no-audit --no-fund --silent "playwright-core@$pw_version" >/dev/null)
 fi
 
-"$chromium" --version >/dev/null
+"$chromium" --version >/dev/null 2>&1
 echo "setup_browser: $("$chromium" --version 2>/dev/null), playwright-core $(node -p "require('$node_dir/node_modules/playwright-core/package.json').version")" >&2

@@ -36,7 +36,7 @@ MAX_DOC_PNG = 300 * 1024
 MERGE, REPORT, PREVIEW, OUTLIER_LOADER = 5, 6, 7, 4
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser_ready():
     node = shutil.which("node")
     missing = []
@@ -77,7 +77,7 @@ def _shrink_png(src: Path, dest: Path) -> None:
     dest.write_bytes(buf.getvalue())
 
 
-def test_dynamic_inputs_and_report_in_browser(server, comfy, browser_ready, tmp_path):
+def test_dynamic_inputs_and_report_in_browser(browser_ready, server, comfy, tmp_path):
     host = server.host.kind
     try:
         info = comfy.object_info()
