@@ -196,7 +196,8 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
     patches = {}
     for j, key in enumerate(keys):
         xs, b = _read_all(sources, base, key, dev)
-        result, record = info.merge_tensors(xs, base=b, weights=w.to(dev), strength=strength, **params)
+        result, record = info.merge_tensors(xs, base=b, weights=w.to(dev), strength=strength, key=key,
+                                            **params)
         patches[key] = (result.to(dtype=sources[0].stored(key).dtype).to(out_device),)
         units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
         progress(j + 1)

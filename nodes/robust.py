@@ -100,12 +100,12 @@ class BarycenterSignElectedMedian:
             "drop_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
                                     "tooltip": "DARE: drop this fraction of each task vector's entries at "
                                                "random (survivors rescaled by 1/(1-p)). 0 = off."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
+            "drop_seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
                              "tooltip": "Seed of the DARE drop (a generator on the compute device; the "
                                         "same seed gives the same merge)."}),
             **SOLVER, "eps": EPS})
 
     def merge(self, **kwargs):
         params = _solver_params(kwargs, eps=True)
-        params.update(drop_rate=float(kwargs["drop_rate"]), seed=int(kwargs["seed"]))
+        params.update(drop_rate=float(kwargs["drop_rate"]), seed=int(kwargs["drop_seed"]))
         return run_merge(self.KIND, "sign_elected_median", kwargs, scope=kwargs["scope"], params=params)
