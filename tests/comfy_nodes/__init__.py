@@ -46,5 +46,23 @@ class BarycenterTestZeroConditioning:
         return (zero_conditioning(arch, width, height),)
 
 
-NODE_CLASS_MAPPINGS = {"BarycenterTestZeroConditioning": BarycenterTestZeroConditioning}
-NODE_DISPLAY_NAME_MAPPINGS = {"BarycenterTestZeroConditioning": "Zero Conditioning (Barycenter test)"}
+class BarycenterTestCaptureText:
+    """Output node: puts a STRING (e.g. a merge report) into /history as outputs[node]["text"]."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"forceInput": True})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "capture"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing/barycenter"
+
+    def capture(self, text):
+        return {"ui": {"text": [text]}}
+
+
+NODE_CLASS_MAPPINGS = {"BarycenterTestZeroConditioning": BarycenterTestZeroConditioning,
+                       "BarycenterTestCaptureText": BarycenterTestCaptureText}
+NODE_DISPLAY_NAME_MAPPINGS = {"BarycenterTestZeroConditioning": "Zero Conditioning (Barycenter test)",
+                              "BarycenterTestCaptureText": "Capture Text (Barycenter test)"}

@@ -124,3 +124,193 @@ def test_sign_elected_and_element_median_equal_kernel(comfy, server):
     for k in list(xs[0])[::7]:
         exp = element_median([x[k].float() for x in xs], w)
         assert torch.allclose(saved[k].float(), exp.float(), rtol=1e-6, atol=1e-7), k
+
+
+# --- robustness, norms, task vectors -----------------------------------------------------------
+
+def capture(g: Graph, node_id: str, output: int = 1) -> str:
+    return g.add("BarycenterTestCaptureText", text=Graph.out(node_id, output))
+
+
+def captured(run, node_id) -> dict:
+    text = run.outputs.get(str(node_id), {}).get("text")
+    assert text, f"no captured text from node {node_id}: {run.outputs}"
+    return json.loads(text[0] if isinstance(text, list) else text)
+
+
+def test_geometric_median_resists_an_outlier(comfy, server):
+    """4 models, one far away: the GM stays with the 3 inliers (and says so), the mean runs off."""
+    names, xs = family([1, 2, 3])
+    out_name, outlier = family([9], noise=2.0)
+    names, xs = names + out_name, xs + outlier
+    g = Graph()
+    loaders = [load_checkpoint(g, n) for n in names]
+    gm = merge_node(g, "BarycenterGeometricMedian", [Graph.out(l, 0) for l in loaders],
+                    **{**NODES["BarycenterGeometricMedian"][1], "scope": "model"})
+    wm = merge_node(g, "BarycenterWeightedMean", [Graph.out(l, 0) for l in loaders])
+    cap = capture(g, gm)
+    for node, p in ((gm, "gm"), (wm, "wm")):
+        g.add("CheckpointSave", model=Graph.out(node, 0), clip=Graph.out(loaders[0], 1),
+              vae=Graph.out(loaders[0], 2), filename_prefix=f"checkpoints/outlier_{p}_{next(_n)}")
+    run = comfy.run(g.prompt())
+    assert run.status == "success", run.error_text
+    report = captured(run, cap)
+    coeffs = report["units"][0]["coefficients"]
+    assert coeffs[3] < 0.02 and min(coeffs[:3]) > 0.3, coeffs
+    saved = {p: unet(saved_checkpoint(server, f"checkpoints/outlier_{p}_")) for p in ("gm", "wm")}
+    dist = {p: 0.0 for p in saved}
+    for k in xs[0]:
+        inlier_mean = sum(x[k].double() for x in xs[:3]) / 3
+        for p in saved:
+            dist[p] += float((saved[p][k].double() - inlier_mean).pow(2).sum())
+    spread = sum(float((xs[0][k].double() - xs[1][k].double()).pow(2).sum()) for k in xs[0]) ** 0.5
+    gm_d, wm_d = dist["gm"] ** 0.5, dist["wm"] ** 0.5
+    assert gm_d < 0.5 * spread < wm_d / 10, (gm_d, wm_d, spread)
+
+
+def test_karcher_norm_is_weighted_mean_of_norms(comfy, server):
+    names, xs = family([1, 2, 3])
+    saved, _ = run_merge_and_save(comfy, server, "BarycenterKarcherMean", names,
+                                  {**NODES["BarycenterKarcherMean"][1], "weights": "1,2,3"})
+    w = [1 / 6, 2 / 6, 3 / 6]
+    for k in xs[0]:
+        want = sum(wi * float(x[k].double().norm()) for wi, x in zip(w, xs))
+        got = float(saved[k].double().norm())
+        assert abs(got - want) <= 1e-5 * want + 1e-9, (k, got, want)
+
+
+@pytest.mark.parametrize("node", ["BarycenterGeometricMedian", "BarycenterKarcherMean"])
+def test_task_vector_mode(comfy, server, node):
+    method, settings = NODES[node]
+    names, xs = family([1, 2, 3])
+    base_name, base = base_files()
+    saved, _ = run_merge_and_save(comfy, server, node, names, {**settings, "strength": 0.7}, base=base_name)
+    expected, _ = expected_linear(method, xs, settings, base=base, strength=0.7)
+    assert_linear_close(saved, expected)
+
+
+# --- effective weights, untouched inputs ---------------------------------------------------------
+
+def _save(comfy, server, g, model, loader):
+    p = f"checkpoints/eff_{next(_n)}"
+    g.add("CheckpointSave", model=model, clip=Graph.out(loader, 1), vae=Graph.out(loader, 2), filename_prefix=p)
+    run = comfy.run(g.prompt())
+    assert run.status == "success", run.error_text
+    return unet(saved_checkpoint(server, p))
+
+
+def test_effective_weights_of_lora_modelmergesimple_and_own_merge(comfy, server):
+    from harness.checkpoints import lora
+
+    (a, b, c, d), _ = family([1, 2, 3, 4])
+    lora_name = lora("sd15", seed=7).name
+
+    def inputs(g):
+        la, lb, lc, ld = (load_checkpoint(g, n) for n in (a, b, c, d))
+        with_lora = g.add("LoraLoader", model=Graph.out(la, 0), clip=Graph.out(la, 1), lora_name=lora_name,
+                          strength_model=0.8, strength_clip=0.0)
+        mms = g.add("ModelMergeSimple", model1=Graph.out(lb, 0), model2=Graph.out(lc, 0), ratio=0.4)
+        ours = merge_node(g, "BarycenterGeometricMedian", [Graph.out(lb, 0), Graph.out(lc, 0), Graph.out(ld, 0)],
+                          **NODES["BarycenterGeometricMedian"][1])
+        return [Graph.out(with_lora, 0), Graph.out(mms, 0), Graph.out(ours, 0), Graph.out(ld, 0)], la
+
+    baked = []
+    for i in range(4):
+        g = Graph()
+        models, la = inputs(g)
+        baked.append(_save(comfy, server, g, models[i], la))
+    g = Graph()
+    models, la = inputs(g)
+    settings = NODES["BarycenterGeometricMedian"][1]
+    merged = merge_node(g, "BarycenterGeometricMedian", models, **settings)
+    got = _save(comfy, server, g, Graph.out(merged, 0), la)
+    expected, _ = expected_linear("geometric_median", baked, settings)
+    assert_linear_close(got, expected, ulps=64)
+
+
+def test_inputs_untouched_weights_and_images(comfy, server):
+    names, xs = family([1, 2, 3])
+
+    def alone(g, via_identity_merge):
+        la = load_checkpoint(g, names[0])
+        model = Graph.out(la, 0)
+        if via_identity_merge:  # same weights (ratio 1), but a graph the cache has not seen
+            model = Graph.out(g.add("ModelMergeSimple", model1=model, model2=model, ratio=1.0), 0)
+        pos, neg = conditioning(g, "sd15")
+        return la, sample_and_save(g, model, Graph.out(la, 2), pos, neg, prefix=f"alone_{next(_n)}", seed=3)
+
+    g = Graph()
+    _, save = alone(g, False)
+    run = comfy.run(g.prompt())
+    assert run.status == "success", run.error_text
+    before = image_array(comfy, run, save)
+    for node in ("BarycenterGeometricMedian", "BarycenterKarcherMean", "BarycenterSignElectedMedian"):
+        settings = dict(NODES[node][1])
+        base = base_files()[0] if node == "BarycenterSignElectedMedian" else None
+        run_merge_and_save(comfy, server, node, names, settings, base=base)
+    g = Graph()
+    la, save = alone(g, True)
+    p = f"checkpoints/untouched_{next(_n)}"
+    g.add("CheckpointSave", model=Graph.out(la, 0), clip=Graph.out(la, 1), vae=Graph.out(la, 2), filename_prefix=p)
+    run = comfy.run(g.prompt())
+    assert run.status == "success", run.error_text
+    assert (image_array(comfy, run, save) == before).all(), "model_1's image changed after merging it"
+    after = unet(saved_checkpoint(server, p))
+    for k, v in xs[0].items():
+        assert torch.equal(after[k].float(), v.float()), f"model_1's {k} changed"
+    assert [unet(load_state_dict(checkpoint(seed=s, **FAMILY))) for s in (1, 2, 3)][0].keys() == xs[0].keys()
+
+
+# --- CLIP ----------------------------------------------------------------------------------------
+
+def test_clip_nodes_encode_and_sample(comfy, server):
+    names = [ckpt(seed=s, clip=True, **FAMILY) for s in (1, 2, 3)]
+    files = [load_state_dict(checkpoint(seed=s, clip=True, **FAMILY)) for s in (1, 2, 3)]
+    for node in ("BarycenterGeometricMedianCLIP", "BarycenterKarcherMeanCLIP", "BarycenterWeightedMeanCLIP"):
+        g = Graph()
+        loaders = [load_checkpoint(g, n) for n in names]
+        settings = {"weights": "1,1,2"}
+        if "WeightedMean" not in node:
+            settings.update(tolerance=1e-7, max_iterations=100, scope="block")
+        if "GeometricMedian" in node:
+            settings["eps"] = 1e-8
+        clip = merge_node(g, node, [Graph.out(l, 1) for l in loaders], **settings)
+        pos, neg = conditioning(g, "sd15", clip=Graph.out(clip, 0))
+        save = sample_and_save(g, Graph.out(loaders[0], 0), Graph.out(loaders[0], 2), pos, neg, prefix=node)
+        p = f"checkpoints/{node}_{next(_n)}"
+        g.add("CheckpointSave", model=Graph.out(loaders[0], 0), clip=Graph.out(clip, 0),
+              vae=Graph.out(loaders[0], 2), filename_prefix=p)
+        run = comfy.run(g.prompt())
+        assert run.status == "success", f"{node}: {run.error_text}"
+        assert_non_degenerate(image_array(comfy, run, save))
+        saved = saved_checkpoint(server, p)
+        key = "cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight"
+        if "WeightedMean" in node:
+            exact = (files[0][key].double() + files[1][key].double() + 2 * files[2][key].double()) / 4
+            assert torch.allclose(saved[key].double(), exact, rtol=1e-3, atol=1e-5), node
+        else:  # a barycenter of the three: changed from model_1, within their hull's scale
+            assert not torch.equal(saved[key].float(), files[0][key].float()), node
+            lo = torch.stack([f[key].float() for f in files]).abs().max(0).values
+            assert bool((saved[key].float().abs() <= lo * 1.5 + 1e-3).all()), node
+
+
+# --- dtypes --------------------------------------------------------------------------------------
+
+def test_fp16_bf16_fp8_inputs_merge(comfy, server):
+    dtypes = ("fp16", "bf16", "fp8_e4m3fn")
+    names = [ckpt(seed=s, dtype=dt, **FAMILY) for s, dt in zip((1, 2, 3), dtypes)]
+    xs = [unet(load_state_dict(checkpoint(seed=s, dtype=dt, **FAMILY))) for s, dt in zip((1, 2, 3), dtypes)]
+    assert {str(x[next(iter(x))].dtype) for x in xs} == {"torch.float16", "torch.bfloat16", "torch.float8_e4m3fn"}
+    settings = NODES["BarycenterGeometricMedian"][1]
+    saved, _ = run_merge_and_save(comfy, server, "BarycenterGeometricMedian", names, settings)
+    expected, _ = expected_linear("geometric_median", xs, settings)
+    assert_linear_close(saved, expected)
+    g = Graph()
+    loaders = [load_checkpoint(g, n) for n in names]
+    merged = merge_node(g, "BarycenterKarcherMean", [Graph.out(l, 0) for l in loaders],
+                        **NODES["BarycenterKarcherMean"][1])
+    pos, neg = conditioning(g, "sd15")
+    save = sample_and_save(g, Graph.out(merged, 0), Graph.out(loaders[0], 2), pos, neg, prefix="dtypes")
+    run = comfy.run(g.prompt())
+    assert run.status == "success", run.error_text
+    assert_non_degenerate(image_array(comfy, run, save))
