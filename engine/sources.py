@@ -66,15 +66,30 @@ def _clip_family(clip) -> str:
     return "+".join(names) or type(clip.cond_stage_model).__name__
 
 
+def _key_patches(patcher, prefix=None) -> dict:
+    """get_key_patches, with the stored weight taken from the patcher's backup when the model is
+    loaded with its patches applied. The March-2024 snapshot leaves a loaded clone with the same
+    patches patched (unload_model_clones skips it) and then returns the patched weight as the
+    original: its patches would count twice. Current ComfyUI reads the backup itself."""
+    entries = patcher.get_key_patches(prefix)
+    backup = getattr(patcher, "backup", None) or {}
+    for k, e in entries.items():
+        if isinstance(e[0], tuple) or k not in backup:
+            continue  # current ComfyUI's (weight, convert) entries, or not patched right now
+        orig = backup[k]
+        entries[k] = (orig,) if len(e) == 1 else [orig] + list(e[1:])
+    return entries
+
+
 def model_source(model, name: str) -> Source:
     if model is None or not hasattr(model, "get_key_patches"):
         raise TypeError(f"{name} is not a MODEL")
-    entries = model.get_key_patches("diffusion_model.")
+    entries = _key_patches(model, "diffusion_model.")
     return Source(name, "model", model, model, _model_family(model), entries)
 
 
 def clip_source(clip, name: str) -> Source:
     if clip is None or not hasattr(clip, "patcher"):
         raise TypeError(f"{name} is not a CLIP")
-    entries = clip.patcher.get_key_patches()
+    entries = _key_patches(clip.patcher)
     return Source(name, "clip", clip, clip.patcher, _clip_family(clip), entries)
