@@ -10,7 +10,7 @@ median(x_i - base) = median(x_i) - base: with λ = 1 the result is median(x_i) i
 value, exact); otherwise base + λ (median(x_i) - base) in fp32.
 Exact values: the median of values that contain no tie is one of the inputs, converted exactly to
 fp32 and back; identical inputs return that input bit-exactly.
-Reference: the weighted median (Edgeworth 1888); as a robust merge, coordinate-wise median in
+References: the weighted median (Edgeworth 1888); as a robust merge, coordinate-wise median in
 Yin et al., "Byzantine-robust distributed learning", ICML 2018.
 """
 from __future__ import annotations

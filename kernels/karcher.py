@@ -9,15 +9,18 @@ a^T G a with a = [Σ b_i, b_1..b_N]; no full-size tensor is touched while iterat
   the magnitude with their weight (they add 0). The record lists them in `excluded`.
 - Angles: θ_i = 2·atan2(‖u_i - y‖, ‖u_i + y‖), which equals 2·asin(‖u_i - y‖/2) and stays
   accurate at both ends (no acos of a dot product near ±1); cos θ_i = (‖u_i+y‖^2 - ‖u_i-y‖^2)/4.
-- Start at the normalised weighted mean of the u_i. If that mean (nearly) vanishes, e.g. two
-  antipodal inputs with equal weights, the mean is not unique: start at the highest-weight input
-  (first on ties) and flag `degenerate_start`.
+- Start at the normalised weighted mean of the u_i. If that mean (nearly) vanishes
+  (‖Σ ᾱ_i u_i‖ <= 1e-3, e.g. two antipodal inputs with equal weights) its direction is lost in
+  rounding and the Karcher mean is not unique: start at the highest-weight input (first on
+  ties) and flag `degenerate_start`.
 - Iterate (Riemannian gradient descent with unit step, as mergekit): tangent
   T = Σ ᾱ_i θ_i/sin θ_i (u_i - cos θ_i y); y+ = cos‖T‖ y + sin‖T‖ T/‖T‖, renormalised. An input
   within sin θ < 1e-6 of antipodal to y has no defined log map and contributes nothing
   (guard at θ≈π; flagged `antipodal`). Stop when ‖T‖ <= tol (radians), per unit; converged
-  units are frozen; max_iter batched steps without host syncs.
-- Identical inputs (d-block exactly 0): coefficient 1 on the first positive-weight model.
+  units are frozen; on CUDA max_iter batched steps without host syncs (on CPU the loop stops
+  early once every unit has converged, checked every 8 steps; same result).
+- Identical inputs (d-block exactly 0), or all weight on one model: coefficient 1 on the first
+  positive-weight model (the exact answer; the iteration would give it only up to rounding).
 Defaults: tol 1e-10, max_iter 100, eps 1e-6.
 Record per unit: iterations, converged, objective Σ ᾱ_i θ_i^2, angles θ_i (K, N), excluded
 (K, N), magnitude, degenerate_start, antipodal, identical.
@@ -32,14 +35,22 @@ import math
 import torch
 
 from .gram import quad
-from .solution import Solution, identical_units, one_hot_first, prepare
+from .solution import Solution, identical_units, may_stop, one_hot_first, prepare, small_op_threads
 
 DEFAULTS = {"tol": 1e-10, "max_iter": 100, "eps": 1e-6}
 _ANTIPODAL_SIN = 1e-6
+_DEGENERATE_MEAN = 1e-3  # ‖Σ ᾱ_i u_i‖ below this: direction lost in rounding (fp32 Grams)
 
 
 def solve_karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
                   max_iter: int = DEFAULTS["max_iter"], eps: float = DEFAULTS["eps"]) -> Solution:
+    """Batched weighted Karcher mean of K units. grams (K, N+1, N+1) (see gram.py), weights (N,)."""
+    with small_op_threads(grams.device):
+        return _karcher(grams, weights, tol=tol, max_iter=max_iter, eps=eps)
+
+
+def _karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
+             max_iter: int = DEFAULTS["max_iter"], eps: float = DEFAULTS["eps"]) -> Solution:
     g, w = prepare(grams, weights)
     k, n = g.shape[0], g.shape[1] - 1
     dev = g.device
@@ -62,7 +73,7 @@ def solve_karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
 
     y0 = (wbar * inv_a)[:, None, :]
     ny = qp(y0)[:, 0].sqrt()
-    degen = alive & (ny <= 1e-8)
+    degen = alive & (ny <= _DEGENERATE_MEAN)
     jbest = (wbar == wbar.max(1, keepdim=True).values).to(torch.int8).argmax(1)
     b = torch.where(degen[:, None], U[torch.arange(k, device=dev), jbest],
                     y0[:, 0] / torch.where(ny > 0, ny, 1.0)[:, None])
@@ -76,7 +87,7 @@ def solve_karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
     done = ~alive | identical_units(g)
     iters = torch.zeros(k, dtype=torch.long, device=dev)
     anti = torch.zeros(k, dtype=torch.bool, device=dev)
-    for _ in range(max_iter):
+    for it in range(max_iter):
         theta, cos = angles(b)
         sin = torch.sin(theta)
         far = (sin < _ANTIPODAL_SIN) & (theta > math.pi / 2) & ~excl
@@ -93,13 +104,18 @@ def solve_karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
         iters += active.to(torch.long)
         anti = anti | (far.any(1) & ~done)
         done = done | ~active
+        if may_stop(done, it):
+            break
 
     theta, _ = angles(b)
     theta = torch.where(excl, 0.0, theta)
     coeffs = magnitude[:, None] * b
     coeffs = torch.where(alive[:, None], coeffs, 0.0)
     same = identical_units(g)
+    if int((w > 0).sum()) == 1:  # one model carries all the weight: that model, exactly
+        same = torch.ones_like(same)
     coeffs = torch.where(same[:, None], one_hot_first(w, k), coeffs)
+    same = identical_units(g)
     record = {
         "iterations": iters,
         "converged": done,

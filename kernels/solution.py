@@ -1,6 +1,7 @@
 """What a solver returns, and the steps all Gram-space solvers share."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -47,3 +48,28 @@ def one_hot_first(w: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.zeros(k, w.numel(), dtype=torch.float64, device=w.device)
     out[:, j] = 1.0
     return out
+
+
+CHECK_EVERY = 8  # CPU only: look at the convergence mask every this many steps
+
+
+@contextlib.contextmanager
+def small_op_threads(device: torch.device):
+    """The solvers' tensors are tiny (K x N x N): on CPU run them on one thread (ATen parallelises
+    some ops above 2048 elements, and a fork/join per tiny op costs more than the op)."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def may_stop(done: torch.Tensor, step: int) -> bool:
+    """Early exit for CPU tensors only, where reading the mask is not a device sync: every
+    CHECK_EVERY steps, True once every unit has converged. On CUDA the loop never syncs and
+    always runs max_iter steps (converged units are frozen either way, so the result is the same)."""
+    return done.device.type == "cpu" and (step + 1) % CHECK_EVERY == 0 and bool(done.all())

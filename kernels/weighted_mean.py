@@ -1,8 +1,9 @@
-"""Weighted mean: argmin_y Σ w_i ‖y - p_i‖^2 = Σ w_i p_i.
+"""Weighted mean: argmin_y Σ w_i ‖y - p_i‖^2 = Σ w_i p_i (the Euclidean barycenter).
 
-Coefficients are the normalised weights, whatever the Gram. Units whose inputs are all identical
-(d-block of the Gram exactly zero) get the coefficient 1 on the first positive-weight model
-instead, which is the same point and lets the combine return that input bit-exactly.
+Math. Coefficients are the normalised weights, whatever the Gram. Units whose inputs are all
+identical (d-block of the Gram exactly zero) get the coefficient 1 on the first positive-weight
+model instead, which is the same point and lets the combine return that input bit-exactly.
+References: model soups, Wortsman et al., ICML 2022 (uniform and weighted weight averaging).
 """
 from __future__ import annotations
 
