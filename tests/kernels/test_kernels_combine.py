@@ -1,0 +1,124 @@
+"""combine / task-vector coefficients / element median / sign-elected median."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import (combine, element_median, gram_matrix, parse_weights, sign_elected_median, solve,
+                     task_vector_coefficients)
+from tests.kernels.kernels_ref import direct_weiszfeld, rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2])
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_combine_matches_fp64_and_returns_dtype(dtype, chunk):
+    xs = [torch.randn(300, 7).to(dtype) for _ in range(3)]
+    base = torch.randn(300, 7).to(dtype)
+    c = [0.2, -0.3, 0.9]
+    out = combine(xs, c, base, 0.2, dtype=torch.float32, chunk_elems=chunk)
+    ref = sum(ci * x.double() for ci, x in zip(c, xs)) + 0.2 * base.double()
+    assert out.dtype == torch.float32 and float((out.double() - ref).abs().max()) < 1e-5
+    out16 = combine(xs, c, base, 0.2, dtype=torch.float16, chunk_elems=chunk)
+    assert out16.dtype == torch.float16 and torch.equal(out16, out.to(torch.float16))
+    assert combine(xs, torch.tensor(c, dtype=torch.float64), dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_combine_exactness_shortcuts():
+    x = torch.randn(1000)
+    y = torch.randn(1000)
+    assert torch.equal(combine([x, y], [1.0, 0.0]), x)
+    assert torch.equal(combine([x, x.clone(), x.clone()], [1 / 3, 1 / 3, 1 / 3]), x)
+    assert torch.equal(combine([x, x.clone()], [0.7, 0.3], y, 1e-17), x)
+    assert not torch.equal(combine([x, y], [0.5, 0.5]), x)
+    assert torch.equal(combine([x, y], [0.0, 0.0]), torch.zeros(1000))
+
+
+def test_task_vector_coefficients_identity():
+    c = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    a, ab = task_vector_coefficients(c, 0.7)
+    assert torch.allclose(a, 0.7 * c) and torch.allclose(ab, torch.tensor([0.3, 0.3], dtype=torch.float64))
+    xs = [torch.randn(50, dtype=torch.float64) for _ in range(3)]
+    b = torch.randn(50, dtype=torch.float64)
+    want = b + 0.7 * sum(ci * (x - b) for ci, x in zip(c[0], xs))
+    assert torch.allclose(combine(xs, a[0], b, ab[0]), want, atol=1e-14)
+
+
+def _brute_weighted_median(vals, w):
+    """argmin_y Σ w_i |y - v_i| over candidates (the inputs and midpoints), smallest-ties -> midpoint."""
+    cands = sorted(set(vals) | {(a + b) / 2 for a in vals for b in vals})
+    f = lambda y: sum(wi * abs(y - v) for wi, v in zip(w, vals))
+    best = min(f(y) for y in cands)
+    mins = [y for y in cands if f(y) <= best + 1e-12]
+    return (min(mins) + max(mins)) / 2
+
+
+@pytest.mark.parametrize("wt", [None, [1, 2, 3], [1, 1, 1, 1], [2, 1, 1, 0], [0.5, 0.5], [1, 3, 1, 1, 2]])
+def test_element_median_matches_brute_force(wt):
+    n = 3 if wt is None else len(wt)
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randint(-4, 5, (200,), generator=g).double() for _ in range(n)]  # many ties
+    w = parse_weights(wt, n)
+    out = element_median(xs, w, chunk_elems=64)
+    for j in range(200):
+        vals = [float(x[j]) for x in xs]
+        assert float(out[j]) == pytest.approx(_brute_weighted_median(vals, w.tolist()), abs=1e-12), (j, vals)
+
+
+def test_element_median_task_mode_and_exact_values():
+    xs = [torch.randn(500).half() for _ in range(3)]
+    base = torch.randn(500).half()
+    out = element_median(xs, None, base)  # strength 1: exactly the median of the inputs
+    stacked = torch.stack([x.float() for x in xs])
+    assert torch.equal(out, stacked.median(0).values)
+    assert torch.equal(element_median(xs, [0, 1, 0]), xs[1].float())
+    half = element_median(xs, None, base, strength=0.5)
+    assert torch.allclose(half, base.float() + 0.5 * (out - base.float()))
+    same = torch.randn(64)
+    assert not torch.equal(element_median([same, same.clone(), same.clone()], None, torch.randn(64), strength=0.3), same)
+    assert torch.equal(element_median([same, same.clone(), same.clone()], None, torch.randn(64)), same)
+
+
+def _sign_elected_reference(xs, base, w, p=0.0, masks=None):
+    taus = torch.stack([(x.double() - base.double()).reshape(-1) for x in xs])
+    if masks is not None:
+        taus = taus * masks / (1 - p)
+    elected = torch.sign((w[:, None] * taus).sum(0))
+    taus = taus * (torch.sign(taus) == elected)
+    y = direct_weiszfeld(list(taus), w)
+    return base.double().reshape(-1) + y
+
+
+def test_sign_elected_median_matches_direct_reference():
+    base = torch.randn(64, 48, dtype=torch.float64)
+    xs = [base + 0.1 * torch.randn(64, 48, dtype=torch.float64) for _ in range(4)]
+    w = parse_weights("1 2 1 1", 4)
+    out, rec = sign_elected_median(xs, base, w, tol=1e-13, max_iter=2000, chunk_elems=1000)
+    ref = _sign_elected_reference(xs, base, w)
+    assert rel(out.reshape(-1) - base.reshape(-1), ref - base.reshape(-1)) < 1e-5
+    assert rec["converged"] and len(rec["coefficients"]) == 4 and 0.3 < min(rec["kept_fraction"]) < 1
+
+
+def test_sign_elected_drop_is_seeded_on_a_private_generator():
+    base = torch.randn(4000)
+    xs = [base + 0.1 * torch.randn(4000) for _ in range(3)]
+    state = torch.random.get_rng_state()
+    a, ra = sign_elected_median(xs, base, drop_rate=0.5, seed=3, key="k1", chunk_elems=999)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
+    b, _ = sign_elected_median(xs, base, drop_rate=0.5, seed=3, key="k1", chunk_elems=999)
+    assert torch.equal(a, b)
+    c, _ = sign_elected_median(xs, base, drop_rate=0.5, seed=4, key="k1", chunk_elems=999)
+    d, _ = sign_elected_median(xs, base, drop_rate=0.5, seed=3, key="k2", chunk_elems=999)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    assert all(0.25 < f < 0.5 for f in ra["kept_fraction"]), ra  # (1-p) * (share agreeing with the sign)
+    # rescale 1/(1-p): with the election off (all task vectors positive) the kept mean is unbiased
+    pos = [base + 0.5 + 0.1 * torch.rand(4000) for _ in range(3)]
+    e, _ = sign_elected_median(pos, base, drop_rate=0.5, seed=1, key="k")
+    n, _ = sign_elected_median(pos, base)
+    assert abs(float((e - base).mean()) / float((n - base).mean()) - 1) < 0.1
+
+
+def test_sign_elected_identical_inputs_and_dropout_free_defaults():
+    x = torch.randn(100)
+    base = torch.randn(100)
+    out, rec = sign_elected_median([x, x.clone(), x.clone()], base)
+    assert torch.equal(out, x) and rec["identical"]

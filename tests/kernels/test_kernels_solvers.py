@@ -1,0 +1,206 @@
+"""Geometric median and Karcher mean against independent fp64 references on full tensors and
+scipy.optimize; records, bounds, batching, task-vector mode, low-precision inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import combine, gram_matrix, parse_weights, solve, task_vector_coefficients
+from tests.kernels.kernels_ref import (apply, direct_karcher, direct_weiszfeld, gm_objective, rel,
+                                       scipy_geometric_median)
+
+
+def _points(n, shape, seed, spread=1.0, offset=0.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    c = offset * torch.randn(shape, generator=g, dtype=torch.float64)
+    return [(c + spread * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype) for _ in range(n)]
+
+
+def _gm(xs, w, base=None, **kw):
+    g = gram_matrix(xs, base)
+    sol = solve("geometric_median", g[None], w, **kw)
+    return sol, apply(sol.coeffs[0], xs, base)
+
+
+WEIGHTS = [None, [1, 2, 2], [0.3, 0.1, 0.25, 0.35], [1, 1, 1, 1, 3]]
+
+
+@pytest.mark.parametrize("wt", WEIGHTS)
+def test_gm_matches_direct_weiszfeld_on_full_tensors(wt):
+    n = 3 if wt is None else len(wt)
+    xs = _points(n, (40, 30), seed=n, offset=0.0)
+    w = parse_weights(wt, n)
+    if float(w.max()) >= 0.5:
+        pytest.skip("median at an input: see the scipy/Vardi-Zhang tests")
+    sol, y = _gm(xs, w, tol=1e-13, max_iter=2000)
+    ref = direct_weiszfeld(xs, w)
+    assert bool(sol.record["converged"][0])
+    assert rel(y, ref) < 1e-5
+    o, oref = float(sol.record["objective"][0]), gm_objective(xs, w, ref)
+    assert abs(o - oref) <= 1e-6 * oref
+    assert abs(gm_objective(xs, w, y) - o) <= 1e-9 * o
+
+
+CASES = [
+    # (points, weights): interior medians, a median at an input (angle >= 120 deg / heavy weight),
+    # collinear points, duplicates, more points than dimensions
+    (np.array([[0.0, 0.0], [4.0, 0.0], [1.0, 3.0]]), np.array([1.0, 1.0, 1.0])),
+    (np.array([[0.0, 0.0], [10.0, 0.0], [5.0, 0.5]]), np.array([1.0, 1.0, 1.0])),
+    (np.array([[0.0, 0.0], [4.0, 0.0], [1.0, 3.0]]), np.array([3.0, 1.0, 1.0])),
+    (np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [3.0, 0.0, 0.0], [7.0, 0.0, 0.0]]), np.array([1.0, 2.0, 3.0, 1.0])),
+    (np.array([[1.0, 2.0], [1.0, 2.0], [5.0, -1.0], [0.0, 4.0]]), np.array([1.0, 1.0, 1.0, 1.0])),
+    (np.array([[0.3, -1.2, 2.0], [1.5, 0.2, -0.7], [-2.0, 1.0, 0.1], [0.9, 0.8, 0.4], [-0.4, -0.3, 1.9],
+               [2.2, -1.7, -0.2]]), np.array([0.1, 0.3, 0.2, 0.15, 0.05, 0.2])),
+]
+
+
+@pytest.mark.parametrize("pts,w", CASES)
+def test_gm_matches_scipy_minimisation(pts, w):
+    xs = [torch.tensor(p) for p in pts]
+    sol, y = _gm(xs, torch.tensor(w), tol=1e-14, max_iter=5000)
+    yref, fref = scipy_geometric_median(pts, w)
+    o = float(sol.record["objective"][0])
+    assert o <= fref * (1 + 1e-6) and fref <= o * (1 + 1e-6)
+    assert float(np.linalg.norm(y.numpy() - yref)) <= 1e-5 * max(float(np.linalg.norm(yref)), 1.0)
+
+
+def test_gm_median_at_an_input_is_exact():
+    """Vardi-Zhang: a weight >= 1/2 (or a 120+ degree angle) puts the median on the input;
+    the solver lands there exactly (coefficient 1) instead of creeping towards it."""
+    xs = _points(3, (50,), seed=7)
+    w = torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64)
+    sol, _ = _gm(xs, w)
+    assert torch.equal(sol.coeffs[0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert int(sol.record["at_input"][0]) == 0 and bool(sol.record["converged"][0])
+    pts = [torch.tensor([0.0, 0.0]), torch.tensor([10.0, 0.0]), torch.tensor([5.0, 0.1])]
+    pts = [p.double() for p in pts]
+    sol, y = _gm(pts, None)
+    assert torch.equal(sol.coeffs[0], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    assert int(sol.record["iterations"][0]) < 50
+
+
+def test_gm_record_and_max_iter_bound():
+    xs = _points(4, (20,), seed=3)
+    sol1 = solve("geometric_median", gram_matrix(xs)[None], None, max_iter=1, tol=1e-14)
+    assert int(sol1.record["iterations"][0]) == 1 and not bool(sol1.record["converged"][0])
+    sol0 = solve("geometric_median", gram_matrix(xs)[None], None, max_iter=0)
+    assert torch.allclose(sol0.coeffs, torch.full((1, 4), 0.25, dtype=torch.float64))
+    sol = solve("geometric_median", gram_matrix(xs)[None], None)
+    r = sol.record
+    assert bool(r["converged"][0]) and 0 < int(r["iterations"][0]) < 200
+    assert set(r) >= {"iterations", "converged", "objective", "distances", "at_input", "identical"}
+    assert abs(float(sol.coeffs.sum()) - 1) < 1e-12
+
+
+def test_batched_units_equal_separate_solves_and_are_deterministic():
+    units = [_points(3, (30,), seed=s, spread=0.1 + s) for s in range(6)]
+    grams = torch.stack([gram_matrix(u) for u in units])
+    w = parse_weights("1 2 3", 3)
+    for method in ("geometric_median", "karcher"):
+        batch = solve(method, grams, w)
+        again = solve(method, grams, w)
+        assert torch.equal(batch.coeffs, again.coeffs)  # same inputs, same device: bit-identical
+        for k in range(6):
+            single = solve(method, grams[k:k + 1], w)
+            assert torch.allclose(single.coeffs[0], batch.coeffs[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("wt", [None, [1, 2, 3], [0.2, 0.2, 0.2, 0.4]])
+def test_karcher_matches_direct_iteration_on_full_tensors(wt):
+    n = 3 if wt is None else len(wt)
+    xs = _points(n, (25, 16), seed=10 + n, spread=0.6, offset=1.0)
+    xs[1] = xs[1] * 3.0  # different norms
+    w = parse_weights(wt, n)
+    sol = solve("karcher", gram_matrix(xs)[None], w, tol=1e-13, max_iter=500)
+    y = apply(sol.coeffs[0], xs)
+    ref = direct_karcher(xs, w)
+    assert bool(sol.record["converged"][0])
+    assert rel(y, ref) < 1e-5
+    # objective Σ ᾱ θ^2 recomputed on full tensors at both points
+    def obj(v):
+        X = torch.stack([x.reshape(-1) for x in xs])
+        U = X / X.norm(dim=1, keepdim=True)
+        u = v / v.norm()
+        th = 2 * torch.asin(((U - u).norm(dim=1) / 2).clamp(max=1))
+        return float((w * th ** 2).sum())
+    assert abs(float(sol.record["objective"][0]) - obj(ref)) <= 1e-6 * obj(ref)
+    mags = torch.stack([x.norm() for x in xs])
+    assert abs(float(y.norm()) - float((w * mags).sum())) <= 1e-10 * float(y.norm())
+
+
+def test_karcher_zero_norm_inputs_excluded_and_counted():
+    xs = _points(3, (64,), seed=4, offset=1.0)
+    xs.append(torch.zeros(64, dtype=torch.float64))
+    w = parse_weights([1, 1, 1, 1], 4)
+    sol = solve("karcher", gram_matrix(xs)[None], w, tol=1e-13)
+    assert sol.record["excluded"][0].tolist() == [False, False, False, True]
+    y = apply(sol.coeffs[0], xs)
+    ref = direct_karcher(xs, w)  # direction from the three, magnitude /4 with the zero
+    assert rel(y, ref) < 1e-5
+    assert float(sol.coeffs[0, 3]) == 0.0
+
+
+def test_karcher_zero_task_vector_is_excluded_in_fp16():
+    """A model equal to the base (task vector exactly 0) with fp16 storage."""
+    base = torch.randn(300, 64).half()
+    xs = [(base.float() + 0.05 * torch.randn(300, 64)).half() for _ in range(3)]
+    xs.insert(1, base.clone())
+    sol = solve("karcher", gram_matrix(xs, base)[None], None)
+    assert sol.record["excluded"][0].tolist() == [False, True, False, False]
+    a, ab = task_vector_coefficients(sol.coeffs, 1.0)
+    out = combine(xs, a[0], base, ab[0], dtype=torch.float32)
+    ref = direct_karcher([x.double() - base.double() for x in xs], parse_weights(None, 4)) + base.double().reshape(-1)
+    assert rel(out.double(), ref) < 1e-4
+
+
+def test_karcher_antipodal_inputs_handled():
+    u = torch.randn(40, dtype=torch.float64)
+    xs = [u, -2 * u]
+    sol = solve("karcher", gram_matrix(xs)[None], None)
+    r = sol.record
+    assert bool(r["degenerate_start"][0]) and bool(r["converged"][0])
+    assert torch.isfinite(sol.coeffs).all()
+    y = apply(sol.coeffs[0], xs)
+    assert abs(float(y.norm()) - 1.5 * float(u.norm())) < 1e-9 * float(u.norm())  # mean of norms
+    # an input antipodal to the mean of the others contributes no tangent (no NaN)
+    v = torch.randn(40, dtype=torch.float64)
+    v = v - (v @ u) / (u @ u) * u
+    xs = [u, u + 1e-3 * v, -u]
+    sol = solve("karcher", gram_matrix(xs)[None], [2, 2, 1])
+    assert torch.isfinite(sol.coeffs).all()
+
+
+def test_task_vector_mode_for_every_linear_method():
+    base = torch.randn(80, dtype=torch.float64)
+    xs = [base + 0.3 * torch.randn(80, dtype=torch.float64) for _ in range(4)]
+    w = parse_weights("1 2 1 1", 4)
+    for method in ("weighted_mean", "geometric_median", "karcher"):
+        sol = solve(method, gram_matrix(xs, base)[None], w)
+        taus = [x - base for x in xs]
+        direct = solve(method, gram_matrix(taus)[None], w)
+        assert torch.allclose(sol.coeffs, direct.coeffs, rtol=1e-9, atol=1e-12)
+        for lam in (1.0, 0.5, 1.7):
+            a, ab = task_vector_coefficients(sol.coeffs, lam)
+            out = combine(xs, a[0], base, ab[0], dtype=torch.float64)
+            want = base + lam * apply(sol.coeffs[0], taus)
+            assert torch.allclose(out, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_storage_matches_fp64_reference(dtype):
+    """Real storage: fp16/bf16/fp32 inputs, fp32 compute, against fp64 references on the same
+    stored values."""
+    base = torch.randn(128, 96, dtype=torch.float64)
+    xs = [(base + 0.02 * torch.randn(128, 96, dtype=torch.float64)).to(dtype) for _ in range(3)]
+    up = [x.double() for x in xs]
+    w = parse_weights("1 1 2", 3)
+    sol = solve("geometric_median", gram_matrix(xs)[None], w, tol=1e-12)
+    y = apply(sol.coeffs[0], up)
+    ref = direct_weiszfeld(up, w)
+    oref = gm_objective(up, w, ref)
+    assert abs(gm_objective(up, w, y) - oref) <= 1e-6 * oref
+    assert float((y - ref).norm()) <= 1e-5 * float(torch.stack(up).std(0).norm())
+    sol = solve("karcher", gram_matrix(xs)[None], w, tol=1e-12)
+    y = apply(sol.coeffs[0], up)
+    assert rel(y, direct_karcher(up, w)) < 1e-5
