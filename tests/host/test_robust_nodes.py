@@ -319,3 +319,113 @@ def test_fp16_bf16_fp8_inputs_merge(comfy, server):
     run = comfy.run(g.prompt())
     assert run.status == "success", run.error_text
     assert_non_degenerate(image_array(comfy, run, save))
+
+
+# --- bad input: an error in /history naming the problem, then the next prompt works -------------
+
+def _expect_error(comfy, g: Graph, *needles):
+    run = comfy.run(g.prompt())
+    assert run.status == "error", f"expected an error containing {needles}"
+    for n in needles:
+        assert n in run.error_text, f"{n!r} not in: {run.error_text}"
+    ok = Graph()
+    names, _ = family([1, 2])
+    loaders = [load_checkpoint(ok, n) for n in names]
+    merged = merge_node(ok, "BarycenterGeometricMedian", [Graph.out(l, 0) for l in loaders],
+                        **NODES["BarycenterGeometricMedian"][1])
+    pos, neg = conditioning(ok, "sd15")
+    sample_and_save(ok, Graph.out(merged, 0), Graph.out(loaders[0], 2), pos, neg, prefix=f"after_{next(_n)}")
+    after = comfy.run(ok.prompt())
+    assert after.status == "success", f"the prompt after the bad one failed: {after.error_text}"
+    return run
+
+
+def _merge_graph(node, names, settings, base=None, sample=True):
+    g = Graph()
+    loaders = [load_checkpoint(g, n) for n in names]
+    if base is not None:
+        settings = {**settings, "base_model": Graph.out(load_checkpoint(g, base), 0)}
+    merged = merge_node(g, node, [Graph.out(l, 0) for l in loaders], **settings)
+    pos, neg = conditioning(g, "sd15")
+    sample_and_save(g, Graph.out(merged, 0), Graph.out(loaders[0], 2), pos, neg, prefix=f"bad_{next(_n)}")
+    return g
+
+
+@pytest.mark.parametrize("node", ["BarycenterGeometricMedian", "BarycenterKarcherMean"])
+def test_sd15_with_sdxl_refused(comfy, node):
+    names = [ckpt(arch="sd15", seed=1), ckpt(arch="sdxl", seed=1)]
+    _expect_error(comfy, _merge_graph(node, names, NODES[node][1]), "model_2", "SDXL", "SD15")
+
+
+def test_clip_l_with_clip_g_refused(comfy):
+    g = Graph()
+    l1 = load_checkpoint(g, ckpt(arch="sd15", seed=1, clip=True))
+    l2 = load_checkpoint(g, ckpt(arch="sdxl", seed=1, clip=True))
+    clip = merge_node(g, "BarycenterGeometricMedianCLIP", [Graph.out(l1, 1), Graph.out(l2, 1)],
+                      tolerance=1e-7, max_iterations=100, eps=1e-8, scope="tensor")
+    pos, neg = conditioning(g, "sd15", clip=Graph.out(clip, 0))
+    sample_and_save(g, Graph.out(l1, 0), Graph.out(l1, 2), pos, neg, prefix="bad_clip")
+    _expect_error(comfy, g, "clip_2", "CLIP-L+CLIP-G", "CLIP-L")
+
+
+@pytest.mark.parametrize("weights,needle", [("1,2", "3"), ("1,-2,1", "-2"), ("0,0,0", "zero")])
+def test_bad_weights_refused(comfy, weights, needle):
+    names, _ = family([1, 2, 3])
+    settings = {**NODES["BarycenterKarcherMean"][1], "weights": weights}
+    _expect_error(comfy, _merge_graph("BarycenterKarcherMean", names, settings), "weight", needle)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nan_or_inf_in_one_input_names_input_and_key(comfy, checkpoints_dir, bad):
+    from safetensors.torch import save_file
+
+    src = load_state_dict(checkpoint(seed=2, **FAMILY))
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    assert key in src
+    src[key] = src[key].clone()
+    src[key].view(-1)[5] = float(bad)
+    name = f"broken_{bad}_sd15.safetensors"
+    save_file(src, str(checkpoints_dir / name))
+    names, _ = family([1])
+    g = _merge_graph("BarycenterGeometricMedian", [names[0], name, ckpt(seed=3, **FAMILY)],
+                     NODES["BarycenterGeometricMedian"][1])
+    _expect_error(comfy, g, "model_2", "input_blocks.1.0.in_layers.2.weight", bad.replace("nan", "NaN").replace("inf", "Inf"))
+
+
+@pytest.mark.parametrize("setting,value", [("tolerance", 0.0), ("max_iterations", 0), ("eps", -1.0),
+                                           ("tolerance", float("nan"))])
+def test_solver_settings_out_of_range_rejected(comfy, setting, value):
+    """ComfyUI validates declared ranges at queue time: HTTP 400 naming the input and the value."""
+    from harness.client import PromptRejected
+
+    names, _ = family([1, 2])
+    g = _merge_graph("BarycenterGeometricMedian", names, {**NODES["BarycenterGeometricMedian"][1], setting: value})
+    if value != value:
+        # NaN passes ComfyUI's range check (every comparison is False): the node must refuse it.
+        node = [k for k, v in g.nodes.items() if v["class_type"] == "BarycenterGeometricMedian"][0]
+        g.nodes[node]["inputs"][setting] = "nan"
+        _expect_error(comfy, g, "tol", "nan")
+        return
+    with pytest.raises(PromptRejected) as e:
+        comfy.queue(g.prompt())
+    assert setting in json.dumps(e.value.body), e.value.body
+    _expect_error(comfy, _merge_graph("BarycenterGeometricMedian", names,
+                                      {**NODES["BarycenterGeometricMedian"][1], "weights": "1,2,3"}), "weight")
+
+
+def test_sign_elected_without_base_refused(comfy):
+    names, _ = family([1, 2, 3])
+    _expect_error(comfy, _merge_graph("BarycenterSignElectedMedian", names, NODES["BarycenterSignElectedMedian"][1]),
+                  "base_model")
+
+
+def test_progress_events_from_the_merge_node(comfy):
+    names, _ = family([1, 2, 3])
+    g = _merge_graph("BarycenterKarcherMean", names, {**NODES["BarycenterKarcherMean"][1], "tolerance": 3e-7})
+    merge_id = [k for k, v in g.nodes.items() if v["class_type"] == "BarycenterKarcherMean"][0]
+    run = comfy.run(g.prompt())
+    assert run.status == "success", run.error_text
+    ours = [e["data"] for e in comfy.events("progress") if str(e["data"].get("node")) == merge_id
+            and e["data"].get("prompt_id", run.prompt_id) == run.prompt_id]
+    assert ours, "no progress event from the merge node"
+    assert ours[-1]["value"] == ours[-1]["max"] and ours[-1]["max"] > 100
