@@ -19,23 +19,33 @@ from .server import ComfyServer, default_run_dir
 WORKFLOW = REPO_ROOT / "example_workflows" / "weighted_mean_api.json"
 
 
-def demo_checkpoints() -> Path:
-    """barycenter_demo_{1,2,3}.safetensors: fine-tune-like variants of one random base."""
-    folder = CACHE / "demo" / "checkpoints"
+def _link(src: Path, link: Path) -> None:
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(src)
+
+
+def demo_checkpoints(folder: Path | None = None, lora_folder: Path | None = None) -> Path:
+    """The names the example workflows use, as links to generated files:
+    barycenter_demo_{1,2,3}.safetensors (fine-tune-like variants of one random SD1.5 base, with
+    CLIP-L and TAESD), barycenter_demo_base.safetensors (that base) and, in `lora_folder`,
+    barycenter_demo_lora.safetensors."""
+    folder = folder or CACHE / "demo" / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     for i in (1, 2, 3):
-        src = checkpoints.checkpoint("sd15", seed=i, clip=True, base_seed=0, noise=0.05)
-        link = folder / f"barycenter_demo_{i}.safetensors"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(src)
+        _link(checkpoints.checkpoint("sd15", seed=i, clip=True, base_seed=0, noise=0.05),
+              folder / f"barycenter_demo_{i}.safetensors")
+    _link(checkpoints.checkpoint("sd15", seed=0, clip=True), folder / "barycenter_demo_base.safetensors")
+    lora_folder = lora_folder or folder
+    lora_folder.mkdir(parents=True, exist_ok=True)
+    _link(checkpoints.lora("sd15", seed=7), lora_folder / "barycenter_demo_lora.safetensors")
     return folder
 
 
 def main() -> int:
     t0 = time.monotonic()
     folder = demo_checkpoints()
-    server = ComfyServer(default_run_dir("demo"), [folder])
+    server = ComfyServer(default_run_dir("demo"), [folder], [folder])
     print(f"demo: starting {server.host.kind} ComfyUI from {server.host.tree}", flush=True)
     client = server.start()
     try:

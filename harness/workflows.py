@@ -14,6 +14,9 @@ SEED_NAMES = {"seed", "noise_seed"}
 
 def _is_widget(spec) -> bool:
     kind = spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if opts.get("forceInput"):
+        return False
     return isinstance(kind, list) or kind in WIDGET_TYPES or kind == "COMBO"
 
 
