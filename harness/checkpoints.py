@@ -60,7 +60,7 @@ GEN_VERSION = 4
 CHECKPOINTS = CACHE / "checkpoints"  # registered as a checkpoints folder by the test server
 LORAS = CACHE / "loras"  # registered as a loras folder
 
-ARCHS = ("sd15", "sdxl")
+ARCHS = ("sd15", "sdxl", "sd15_full")
 DTYPES = {
     "fp32": torch.float32,
     "fp16": torch.float16,
@@ -93,7 +93,15 @@ SDXL_UNET = {
     "transformer_depth_output": [0, 0, 0, 0, 0, 0, 1, 1, 1],
     "transformer_depth_middle": 1,
 }
-EXPECTED_CONFIG = {"sd15": "SD15", "sdxl": "SDXL"}
+# The real SD1.5 UNet (860M parameters): for benchmarks at real shapes, not for tests.
+SD15_FULL_UNET = {
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+}
+EXPECTED_CONFIG = {"sd15": "SD15", "sdxl": "SDXL", "sd15_full": "SD15"}
 
 # Files of a host tree whose content decides the layout; their sizes/mtimes key the spec cache.
 _LAYOUT_FILES = (
@@ -119,6 +127,8 @@ def _build_spec_in_process(arch: str, clip: bool) -> dict:
         family, shrink = supported_models.SD15, SD15_UNET
     elif arch == "sdxl":
         family, shrink = supported_models.SDXL, SDXL_UNET
+    elif arch == "sd15_full":
+        family, shrink = supported_models.SD15, SD15_FULL_UNET
     else:
         raise ValueError(f"unknown arch {arch!r}")
     unet_config = {

@@ -1,0 +1,205 @@
+"""Merge nodes in the real host: queue-to-first-sampler-step, node time vs one read, peak RAM.
+
+    .venv/bin/python -m bench.bench_host [--arch sd15 sd15_full] [--repeats 3]
+
+1. Through the HTTP API (a real ComfyUI, CPU): time from POST /prompt to the KSampler's first
+   progress event, for the geometric median of 3 models vs a chain of two ModelMergeSimple on the
+   same 3 models (the loaders are warm in both; each timed prompt changes one merge setting so the
+   merge really runs). Ratio = GM / chain (goal <= 1.3).
+2. In-process (ComfyUI imported, models loaded as the host loads them): the merge node's time vs
+   one read of the 3 inputs' weights (every key of every input converted to fp32 once: the floor
+   of any merge that reads them); goal <= 1.25 for GM and Karcher. Peak extra RSS of the merge vs
+   the size of one model (goal <= 5% for linear results).
+Prints one table; every ratio is measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harness import checkpoints  # noqa: E402
+from harness.graphs import Graph, conditioning, load_checkpoint, merge_node  # noqa: E402
+
+SOLVER = {"max_iterations": 100, "eps": 1e-8, "scope": "tensor"}
+
+
+def family(arch):
+    return [checkpoints.checkpoint(arch, seed=s, base_seed=0, noise=0.05) for s in (1, 2, 3)]
+
+
+def _sampler_graph(names, kind, knob):
+    g = Graph()
+    ls = [load_checkpoint(g, n) for n in names]
+    if kind == "gm":
+        m = merge_node(g, "BarycenterGeometricMedian", [Graph.out(l, 0) for l in ls],
+                       tolerance=1e-7 * (1 + knob * 1e-3), **SOLVER)
+        model = Graph.out(m, 0)
+    else:  # ModelMergeSimple chain: ((1,2) then with 3)
+        a = g.add("ModelMergeSimple", model1=Graph.out(ls[0], 0), model2=Graph.out(ls[1], 0), ratio=0.5 + knob * 1e-4)
+        b = g.add("ModelMergeSimple", model1=Graph.out(a, 0), model2=Graph.out(ls[2], 0), ratio=0.66)
+        model = Graph.out(b, 0)
+    pos, neg = conditioning(g, "sd15")
+    lat = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    ks = g.add("KSampler", model=model, seed=0, steps=2, cfg=1.0, sampler_name="euler", scheduler="normal",
+               positive=pos, negative=neg, latent_image=Graph.out(lat), denoise=1.0)
+    return g, ks
+
+
+def queue_to_first_step(client, g, ks, timeout=900):
+    t0 = time.monotonic()
+    pid = client.queue(g.prompt())
+    while time.monotonic() - t0 < timeout:
+        for e in client.events("progress"):
+            d = e.get("data", {})
+            if str(d.get("node")) == ks and d.get("prompt_id", pid) == pid:
+                t = time.monotonic() - t0
+                client.wait(pid)
+                return t
+        time.sleep(0.005)
+    raise TimeoutError("no sampler progress")
+
+
+def api_section(arch, repeats):
+    from harness.server import ComfyServer, default_run_dir
+
+    names = [p.name for p in family(arch)]
+    srv = ComfyServer(default_run_dir(f"bench-{arch}"), [checkpoints.CHECKPOINTS])
+    client = srv.start()
+    client.listen()
+    try:
+        res = {}
+        for kind in ("chain", "gm"):
+            g, ks = _sampler_graph(names, kind, 0)
+            client.run(g.prompt())  # warm: loaders, first model load
+        for r in range(1, repeats + 1):
+            for kind in ("chain", "gm"):
+                g, ks = _sampler_graph(names, kind, r)
+                res.setdefault(kind, []).append(queue_to_first_step(client, g, ks))
+        return {k: statistics.median(v) for k, v in res.items()}, srv.host.kind
+    finally:
+        client.close()
+        srv.stop()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    def __init__(self):
+        self.peak = 0
+        self._stop = False
+
+    def __enter__(self):
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *a):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def extra(self):
+        return self.peak - self.base
+
+
+def inprocess_section(arch, repeats):
+    import torch
+
+    from harness.host import import_in_process
+
+    import_in_process()
+    import comfy.sd
+
+    spec = importlib.util.spec_from_file_location("barycenter_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["barycenter_pack"] = pack
+    spec.loader.exec_module(pack)
+    nodes = pack.NODE_CLASS_MAPPINGS
+    out = {}
+    with torch.inference_mode():
+        models = [comfy.sd.load_checkpoint_guess_config(str(p), output_vae=False, output_clip=False)[0]
+                  for p in family(arch)]
+        sd0 = models[0].model.diffusion_model.state_dict()
+        one_model = sum(t.numel() * t.element_size() for t in sd0.values())
+        params = sum(t.numel() for t in sd0.values())
+
+        def one_read():
+            for m in models:
+                for t in m.model.diffusion_model.state_dict().values():
+                    t.to(torch.float32, copy=True)
+
+        def node(cls, **kw):
+            return lambda: nodes[cls]().merge(model_1=models[0], model_2=models[1], model_3=models[2],
+                                             weights="", device="cpu", **kw)
+
+        cases = {
+            "one read (floor)": one_read,
+            "GM tensor": node("BarycenterGeometricMedian", tolerance=1e-7, **SOLVER),
+            "GM block": node("BarycenterGeometricMedian", tolerance=1e-7, **{**SOLVER, "scope": "block"}),
+            "GM model": node("BarycenterGeometricMedian", tolerance=1e-7, **{**SOLVER, "scope": "model"}),
+            "Karcher tensor": node("BarycenterKarcherMean", tolerance=1e-7, max_iterations=100, scope="tensor"),
+            "weighted mean": node("BarycenterWeightedMean"),
+        }
+        for name, fn in cases.items():
+            fn()  # warm
+            times, extras = [], []
+            for _ in range(repeats):
+                gc.collect()
+                with PeakRSS() as p:
+                    t = time.perf_counter()
+                    result = fn()
+                    times.append(time.perf_counter() - t)
+                del result
+                extras.append(p.extra)
+            out[name] = (min(times), max(extras))
+    return out, one_model, params
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", nargs="+", default=["sd15"], choices=["sd15", "sd15_full"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-api", action="store_true")
+    args = ap.parse_args(argv)
+    print(f"# bench_host: {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
+    for arch in args.arch:
+        if not args.skip_api:
+            q, host = api_section(arch, args.repeats)
+            print(f"\n## {arch}: queue -> first sampler step ({host} ComfyUI, HTTP API, median of {args.repeats})")
+            print(f"| merge | seconds | ratio to ModelMergeSimple chain |\n|---|---|---|")
+            print(f"| 2x ModelMergeSimple | {q['chain']:.3f} | 1.00 |")
+            print(f"| GeometricMedian of 3 (tensor) | {q['gm']:.3f} | {q['gm'] / q['chain']:.2f} |")
+        res, one_model, params = inprocess_section(arch, args.repeats)
+        floor = res["one read (floor)"][0]
+        print(f"\n## {arch}: node time and peak extra RAM, in-process, CPU ({params / 1e6:.1f}M params, "
+              f"one model {one_model / 2**20:.0f} MiB as loaded)")
+        print("| case | seconds | ratio to one read | peak extra RSS | / one model |\n|---|---|---|---|---|")
+        for name, (t, extra) in res.items():
+            print(f"| {name} | {t:.3f} | {t / floor:.2f} | {extra / 2**20:.1f} MiB | {100 * extra / one_model:.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
