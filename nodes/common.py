@@ -21,6 +21,20 @@ TIPS = {
 }
 
 
+class MergeNode:
+    """Common declarations of every merge node: a MODEL (or CLIP, with KIND = "CLIP") and a report.
+    Subclasses set KIND, DESCRIPTION, INPUT_TYPES and merge(**kwargs)."""
+
+    KIND = "MODEL"
+    FUNCTION = "merge"
+    CATEGORY = CATEGORY
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.RETURN_TYPES = (cls.KIND, "STRING")
+        cls.RETURN_NAMES = (cls.KIND.lower(), "report")
+
+
 def model_inputs(kind: str, *, with_base: bool = True, extra_required: dict | None = None,
                  extra_optional: dict | None = None) -> dict:
     """INPUT_TYPES for an N-input merge node of MODEL (kind='MODEL') or CLIP (kind='CLIP')."""

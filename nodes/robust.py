@@ -1,7 +1,7 @@
 """Geometric median, Karcher mean and sign-elected median merge nodes (MODEL and CLIP)."""
 from __future__ import annotations
 
-from .common import CATEGORY, TIPS, model_inputs, run_merge
+from .common import TIPS, MergeNode, model_inputs, run_merge
 
 SOLVER = {
     "tolerance": ("FLOAT", {"default": 1e-7, "min": 1e-12, "max": 1e-1, "step": 1e-8, "round": False,
@@ -13,7 +13,6 @@ SOLVER = {
 EPS = ("FLOAT", {"default": 1e-8, "min": 1e-15, "max": 1.0, "step": 1e-9, "round": False,
                  "tooltip": "Weiszfeld smoothing: distances below eps (relative to the inputs' spread) "
                             "count as coincident points."})
-REPORT = ("report",)
 
 
 def _solver_params(kwargs, *, eps: bool) -> dict:
@@ -23,15 +22,10 @@ def _solver_params(kwargs, *, eps: bool) -> dict:
     return p
 
 
-class BarycenterGeometricMedian:
+class BarycenterGeometricMedian(MergeNode):
     DESCRIPTION = ("Geometric median of 2 to 12 models (Weiszfeld, argmin Σ w_i‖y − x_i‖): a robust merge "
                    "whose result an outlier model cannot drag away (breakdown point 0.5). Solved on the "
                    "inputs' Gram matrix: one read of the weights. scope=element is the coordinate-wise median.")
-    KIND = "MODEL"
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model",) + REPORT
-    FUNCTION = "merge"
-    CATEGORY = CATEGORY
     SCOPES = ["tensor", "block", "model", "element"]
 
     @classmethod
@@ -52,19 +46,12 @@ class BarycenterGeometricMedian:
 class BarycenterGeometricMedianCLIP(BarycenterGeometricMedian):
     DESCRIPTION = "Geometric median of 2 to 12 CLIP text encoders (same architecture)."
     KIND = "CLIP"
-    RETURN_TYPES = ("CLIP", "STRING")
-    RETURN_NAMES = ("clip",) + REPORT
 
 
-class BarycenterKarcherMean:
+class BarycenterKarcherMean(MergeNode):
     DESCRIPTION = ("Karcher mean of 2 to 12 models: the Riemannian centre of mass of their directions on the "
                    "unit sphere, scaled by the weighted mean of their norms. Solved on the Gram matrix: one "
                    "read of the weights.")
-    KIND = "MODEL"
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model",) + REPORT
-    FUNCTION = "merge"
-    CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -80,18 +67,11 @@ class BarycenterKarcherMean:
 class BarycenterKarcherMeanCLIP(BarycenterKarcherMean):
     DESCRIPTION = "Karcher mean of 2 to 12 CLIP text encoders (same architecture)."
     KIND = "CLIP"
-    RETURN_TYPES = ("CLIP", "STRING")
-    RETURN_NAMES = ("clip",) + REPORT
 
 
-class BarycenterSignElectedMedian:
+class BarycenterSignElectedMedian(MergeNode):
     DESCRIPTION = ("Sign-elected median (TIES sign election + geometric median of the agreeing task vectors, "
                    "optional DARE drop): base + strength·GM(masked x_i − base). Needs base_model.")
-    KIND = "MODEL"
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model",) + REPORT
-    FUNCTION = "merge"
-    CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -1,17 +1,12 @@
 """N-way weighted mean of MODELs or CLIPs: Σ w_i x_i, or base + strength·Σ w_i (x_i − base)."""
 from __future__ import annotations
 
-from .common import CATEGORY, model_inputs, run_merge
+from .common import MergeNode, model_inputs, run_merge
 
 
-class BarycenterWeightedMean:
+class BarycenterWeightedMean(MergeNode):
     DESCRIPTION = ("Weighted mean of 2 to 12 models (Euclidean barycenter, argmin Σ w_i‖y − x_i‖²). "
                    "Lazy like ComfyUI's own merges: LoRAs and earlier merges on the inputs count.")
-    KIND = "MODEL"
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "report")
-    FUNCTION = "merge"
-    CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -24,5 +19,3 @@ class BarycenterWeightedMean:
 class BarycenterWeightedMeanCLIP(BarycenterWeightedMean):
     DESCRIPTION = "Weighted mean of 2 to 12 CLIP text encoders (same architecture)."
     KIND = "CLIP"
-    RETURN_TYPES = ("CLIP", "STRING")
-    RETURN_NAMES = ("clip", "report")
