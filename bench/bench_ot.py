@@ -71,7 +71,7 @@ def run(name: str, family: str, related: bool, solver: str, seed: int = 0) -> di
     del a, b, models
     return {"case": name, "params": sum(math.prod(s) for s in shapes.values()), "groups": rep["spec"]["groups"],
             "solver": solver, "gen_s": gen_s, "align_s": rep["seconds"]["align"], "output_s": rep["seconds"]["output"],
-            "total_s": total, "identity": rep["models"]["model_2"]["identity_fraction"], "rss_gb": peak_rss_gb()}
+            "total_s": total, "identity": rep["alignment"]["model_2"]["identity_fraction"], "rss_gb": peak_rss_gb()}
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from ..combine import combine
 from ..errors import MergeInputError
 from ..geometric_median import solve_geometric_median
 from ..gram import gram_matrix
-from ..inputs import parse_weights
+from ..inputs import nonfinite_kind, parse_weights
 from ..karcher import solve_karcher
 from .maps import apply_key
 from .solvers import SOLVERS, solve_plain, solve_structured
@@ -119,8 +119,68 @@ def _sqdist(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b).double() ** 2)
 
 
+_CERT_DIM = 64
+
+
+def _row_sqdist(a: torch.Tensor, b: torch.Tensor, rows_per: int = 512) -> torch.Tensor:
+    """(n,) fp64 ‖a_i - b_i‖², in row chunks (no full-size temporaries)."""
+    out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], rows_per):
+        d = b[i:i + rows_per] - a[i:i + rows_per]
+        out[i:i + rows_per] = torch.linalg.vector_norm(d, dim=1).double().square()
+    return out
+
+
+class _Projections:
+    """Random r×k matrices with spectral norm <= 1, one per width r, shared by all models."""
+
+    def __init__(self, device):
+        self.device, self.cache = device, {}
+
+    def __call__(self, r: int) -> torch.Tensor:
+        if r not in self.cache:
+            g = torch.Generator(device="cpu").manual_seed(1000003 + r)
+            m = torch.randn(r, _CERT_DIM, generator=g, dtype=torch.float64)
+            top = float(torch.linalg.eigvalsh(m.T @ m)[-1]) ** 0.5  # exact spectral norm
+            self.cache[r] = (m / (top * (1 + 1e-6))).to(device=self.device, dtype=torch.float32)
+        return self.cache[r]
+
+
+def _identity_certified(rows, dsq, n: int, proj: _Projections) -> bool:
+    """True if the identity is PROVABLY an optimal assignment for the cost
+    C[i, j] = Σ_s ‖a_s[i] - b_s[j]‖², without forming C (the n×n×r product).
+
+    With δ_i = b_i - a_i (concatenated over slices, ‖δ_i‖² = dsq[i]):
+    C[i, j] >= (‖a_i - a_j‖ - ‖δ_j‖)², so if ‖a_i - a_j‖ >= ‖δ_i‖ + ‖δ_j‖ for all i != j, every
+    row's minimum is on its diagonal and the identity is optimal. ‖a_i - a_j‖ >= ‖Pᵀ(a_i - a_j)‖
+    for a random r×k matrix P of spectral norm <= 1 (k = 64): n·r·k work instead of n²·r.
+    Same-base fine-tunes pass (their differences are far smaller than the distances between
+    units); anything else fails and gets the full cost matrix. Margins (1e-3 relative, 1e-5 of
+    the largest squared norm) cover the fp32 error of the projection."""
+    r_total = sum(a.shape[1] for a, _ in rows)
+    if n < 32 or r_total <= 4 * _CERT_DIM:
+        return False
+    pm = proj(r_total)
+    p = torch.zeros(n, _CERT_DIM, dtype=torch.float32, device=pm.device)
+    off = 0
+    for a, _ in rows:
+        p.addmm_(a, pm[off:off + a.shape[1]])
+        off += a.shape[1]
+    sq = p.square().sum(1)
+    c = 1.0 + 1e-3
+    delta = dsq.sqrt().to(torch.float32)
+    # M_ij = ‖p_i - p_j‖² - c (δ_i + δ_j)² = sq_i + sq_j - 2 p_i·p_j - c δ_i² - c δ_j² - 2c δ_i δ_j
+    u = sq - c * delta.square()
+    mat = p @ p.T
+    mat.mul_(-2.0).addr_(delta, delta, alpha=-2.0 * c)
+    mat += u[:, None]
+    mat += u[None, :]
+    mat.fill_diagonal_(float("inf"))
+    return bool(mat.min() >= 1e-5 * sq.max())  # NaN anywhere -> False
+
+
 def _solve_group(gi, group, spec, ka, reader, anchor, models, maps, solver, epsilon, soft,
-                 sk, cost_dtype, device, solved):
+                 sk, cost_dtype, device, solved, proj, certify=True):
     """Solve group `gi` for every non-anchor model; returns {label: stats}.
 
     Maps that come out as the identity are stored as None (nothing to gather later)."""
@@ -141,59 +201,83 @@ def _solve_group(gi, group, spec, ka, reader, anchor, models, maps, solver, epsi
                 mcache[key] = apply_key(reader(m, key), ka[key], maps[m], spec.groups, skip_group=gi)
             return mcache[key]
 
-        costs = {}
+        parts = []
+        before = 0.0
         for part, slices in group.parts:
+            rows = [(_rows(anchor_t(s.key), s.axis, s.offset, n), _rows(model_t(s.key), s.axis, s.offset, n))
+                    for s in slices]
+            dsq = [_row_sqdist(a, b) for a, b in rows]
+            total_p = float(sum(d.sum() for d in dsq))
+            before += total_p
             # first sweep: only slices whose other axes are fixed or already aligned (the
             # sequential order of Singh & Jaggi); unaligned axes would add noise, not signal
-            ready = [s for s in slices if all(e[2] == gi or e[2] in solved for e in ka[s.key])]
-            if ready:
-                slices = ready
-            sim = torch.zeros(n, n, dtype=cost_dtype, device=device)
-            na = torch.zeros(n, dtype=torch.float32, device=device)
-            nb = torch.zeros(n, dtype=torch.float32, device=device)
-            for s in slices:
-                a = _rows(anchor_t(s.key), s.axis, s.offset, n)
-                b = _rows(model_t(s.key), s.axis, s.offset, n)
-                sim.addmm_(a.to(cost_dtype), b.to(cost_dtype).T)
-                na += a.square().sum(1)
-                nb += b.square().sum(1)
-            # ‖a_i - b_j‖² = ‖a_i‖² + ‖b_j‖² - 2<a_i, b_j>; rows/cols shifts do not move the optimum
-            sim = sim.to(torch.float32).mul_(-2.0)
-            sim += na[:, None]
-            sim += nb[None, :]
-            costs[part] = sim.clamp_min_(0.0)
-        if group.blocks == 1 and len(costs) == 1:
-            mp, info = solve_plain(costs[group.part_names[0]], solver, epsilon, soft, **sk)
-            new = {p: mp for p in group.part_names}
+            use = [i for i, s in enumerate(slices) if all(e[2] == gi or e[2] in solved for e in ka[s.key])]
+            use = use or list(range(len(slices)))
+            parts.append((part, slices, [rows[i] for i in use], sum(dsq[i] for i in use), rows, total_p))
+        if not math.isfinite(before):
+            _raise_nonfinite(parts, anchor, m)
+        certified = solver == "exact" and certify and all(
+            _identity_certified(used, dsq, n, proj) for _, _, used, dsq, _, _ in parts)
+        if certified:
+            new = {p: None for p in group.part_names}
+            info = {"iterations": None, "marginal_error": 0.0}
         else:
-            new, info = solve_structured(costs, group.blocks, solver, epsilon, soft, **sk)
-        del costs
-        # cost of the identity and of the chosen map, computed directly on all of the group's slices
-        before = after = ident = 0.0
-        for part, slices in group.parts:
-            mp = new[part]
-            same = _is_identity(mp)
-            if mp.dim() == 1:
-                ident += float((mp == torch.arange(n, device=mp.device)).double().mean())
+            costs = {}
+            for part, _, used, _, _, _ in parts:
+                sim = torch.zeros(n, n, dtype=cost_dtype, device=device)
+                na = torch.zeros(n, dtype=torch.float32, device=device)
+                nb = torch.zeros(n, dtype=torch.float32, device=device)
+                for a, b in used:
+                    sim.addmm_(a.to(cost_dtype), b.to(cost_dtype).T)
+                    na += a.square().sum(1)
+                    nb += b.square().sum(1)
+                # ‖a_i - b_j‖² = ‖a_i‖² + ‖b_j‖² - 2<a_i, b_j>
+                sim = sim.to(torch.float32).mul_(-2.0)
+                sim += na[:, None]
+                sim += nb[None, :]
+                costs[part] = sim.clamp_min_(0.0)
+                del sim
+            if group.blocks == 1 and len(costs) == 1:
+                mp, info = solve_plain(costs[group.part_names[0]], solver, epsilon, soft, **sk)
+                new = {p: mp for p in group.part_names}
             else:
-                ident += float(torch.diagonal(mp).double().sum()) / n
-            for s in slices:
-                a = _rows(anchor_t(s.key), s.axis, s.offset, n)
-                b = _rows(model_t(s.key), s.axis, s.offset, n)
-                d0 = _sqdist(a, b)
-                before += d0
-                if same:
-                    after += d0
+                new, info = solve_structured(costs, group.blocks, solver, epsilon, soft, **sk)
+            del costs
+        # cost of the chosen map, computed directly on all of the group's slices
+        after = ident = 0.0
+        for part, slices, _, _, rows, total_p in parts:
+            mp = new[part]
+            if mp is not None and _is_identity(mp):
+                mp = None
+            if mp is None:
+                ident += 1.0
+                after += total_p
+            else:
+                if mp.dim() == 1:
+                    ident += float((mp == torch.arange(n, device=mp.device)).double().mean())
                 else:
+                    ident += float(torch.diagonal(mp).double().sum()) / n
+                for a, b in rows:
                     b = b.index_select(0, mp.to(b.device)) if mp.dim() == 1 else mp.to(b.device) @ b
-                    after += _sqdist(a, b)
-            new[part] = None if same else mp.to(device)
+                    after += float(_row_sqdist(a, b).sum())
+            new[part] = None if mp is None else mp.to(device)
+        del parts
         ident /= len(group.parts)
         maps[m][gi] = None if all(v is None for v in new.values()) else new
         stats[_label(m)] = {"identity_fraction": ident, "cost_before": before, "cost_after": after,
                             "iterations": info.get("iterations"),
-                            "marginal_error": float(info.get("marginal_error", 0.0))}
+                            "marginal_error": float(info.get("marginal_error", 0.0)),
+                            "certified_identity": bool(certified)}
     return stats
+
+
+def _raise_nonfinite(parts, anchor: int, m: int):
+    for _, slices, _, _, rows, _ in parts:
+        for s, (a, b) in zip(slices, rows):
+            for who, t in ((anchor, a), (m, b)):
+                if not bool(torch.isfinite(t).all()):
+                    raise MergeInputError(f"OT fusion: key '{s.key}': {_label(who)} contains NaN/Inf values")
+    raise MergeInputError("OT fusion: the alignment cost overflows (weights beyond ~1e19?)")
 
 
 def ot_fuse(read: Callable[[int, str], torch.Tensor], shapes, n_models: int, *, weights=None,
@@ -202,15 +286,30 @@ def ot_fuse(read: Callable[[int, str], torch.Tensor], shapes, n_models: int, *, 
             progress: Callable[[int, int], None] | None = None, spec: Spec | None = None,
             sink: Callable[[str, torch.Tensor], None] | None = None, tol: float = 1e-5,
             max_iter: int = 2000, cost_dtype=torch.float32, barycenter_params: dict | None = None,
-            distances: bool = True):
+            distances: bool = True, certify: bool = True,
+            linear: Callable[[str, list], None] | None = None):
     """Fuse `n_models` models by OT alignment to `anchor` (0-based) and a barycenter.
 
+    read(i, key): model i's (effective) weight for key, any device/dtype; called about three
+        times per key (two group solves touch most keys, then the output).
     shapes: key -> shape (all models share it), or one table per model (checked to be equal).
     weights: per-model weights (sequence or comma string; None/"" = equal), normalised to sum 1.
+    solver: "exact" (assignment; a cheap bound skips the cost matrix when it proves the identity
+        optimal, see `certify`) or "sinkhorn" (entropic, relative epsilon, `tol`, `max_iter`).
+    rounds: sweeps over the groups (coordinate descent); the first uses only slices whose other
+        axes are fixed or already aligned.
+    barycenter: "mean", "geometric_median" or "karcher" of the aligned tensors, one solve per key
+        (all keys solved in one batch); `barycenter_params` go to the kernel (tol, max_iter, eps).
+    soft: soft maps T̃ = n·T instead of permutations (n×n floats per group and model).
+    device: where costs, solves and the output are computed. cost_dtype: the cost matmul's dtype.
     out_dtype: dtype of the merged tensors (default: the anchor's dtype per key).
-    sink: if given, called as sink(key, tensor) for each merged tensor instead of collecting them
-    (the returned dict is then empty).
-    Returns (merged dict key -> tensor on `device`, report dict)."""
+    progress(done, total): called after every group solve and every output key; may raise to cancel.
+    sink(key, tensor): if given, receives each merged tensor instead of the returned dict.
+    linear(key, coeffs): if given, keys that no map moves are not computed; the caller gets the
+        coefficients of Σ coeffs_i x_i over the (unaligned) inputs and may apply them lazily.
+    distances: also report each model's squared distance to the anchor before/after alignment
+        (one more pass over the weights; forces reading keys that `linear` would skip).
+    Returns (merged dict key -> tensor on `device`, report dict; see the module docstring)."""
     if not isinstance(n_models, int) or n_models < 2:
         raise MergeInputError(f"OT fusion needs at least 2 models, got {n_models}")
     if not isinstance(anchor, int) or not 0 <= anchor < n_models:
@@ -246,10 +345,11 @@ def ot_fuse(read: Callable[[int, str], torch.Tensor], shapes, n_models: int, *, 
     t0 = time.perf_counter()
     group_reports = []
     solved: set = set()
+    proj = _Projections(device)
     for r in range(rounds):
         for gi, g in enumerate(spec.groups):
             stats = _solve_group(gi, g, spec, ka, reader, anchor, models, maps, solver, epsilon, soft,
-                                 sk, cost_dtype, device, solved)
+                                 sk, cost_dtype, device, solved, proj, certify)
             solved.add(gi)
             if r == 0:
                 group_reports.append({"name": g.name, "size": g.size, "structure": g.structure(),
@@ -296,39 +396,58 @@ def ot_fuse(read: Callable[[int, str], torch.Tensor], shapes, n_models: int, *, 
                 progress(done, total)
         coeffs = _coefficients(torch.stack(grams), w, barycenter, bparams)
         del grams
+    units = []
     for ki, key in enumerate(keys):
-        raw, xs, dt = aligned(key)
-        if distances:
-            ref = raw[anchor].to(torch.float32)
-            for m in models:
-                d0 = _sqdist(raw[m].to(torch.float32), ref)
-                dist[_label(m)][0] += d0
-                dist[_label(m)][1] += d0 if xs[m] is raw[m] else _sqdist(xs[m].to(torch.float32), ref)
-            del ref
-        del raw
-        y = combine(xs, w if coeffs is None else coeffs[ki], dtype=dt)
-        del xs
-        if sink is not None:
-            sink(key, y)
+        row = w if coeffs is None else [float(c) for c in coeffs[ki].tolist()]
+        entries = ka.get(key) or []
+        moved = any(maps[m][e[2]] is not None and maps[m][e[2]].get(e[3]) is not None
+                    for m in models for e in entries)
+        units.append({"name": key, "coefficients": row, "moved": moved})
+        if linear is not None and not moved and not distances:
+            linear(key, row)  # Σ row_i x_i of the unaligned inputs: the caller may keep it lazy
         else:
-            merged[key] = y
+            raw, xs, dt = aligned(key)
+            if distances:
+                ref = raw[anchor].to(torch.float32)
+                for m in models:
+                    d0 = _sqdist(raw[m].to(torch.float32), ref)
+                    dist[_label(m)][0] += d0
+                    dist[_label(m)][1] += d0 if xs[m] is raw[m] else _sqdist(xs[m].to(torch.float32), ref)
+                del ref
+            if linear is not None and not moved:
+                linear(key, row)
+            else:
+                y = combine(xs, row, dtype=dt)
+                if nonfinite_kind(y):  # one float sum per key; then name the input
+                    for m in range(n_models):
+                        kind = nonfinite_kind(raw[m])
+                        if kind:
+                            raise MergeInputError(f"OT fusion: key '{key}': {_label(m)} contains {kind} values")
+                    raise MergeInputError(f"OT fusion: key '{key}': the merged tensor overflows {dt}")
+                if sink is not None:
+                    sink(key, y)
+                else:
+                    merged[key] = y
+                del y
+            del raw, xs
         done += 1
         if progress is not None:
             progress(done, total)
     t2 = time.perf_counter()
 
-    model_reports = {}
+    alignment = {}
     for m in models:
         lab = _label(m)
         tot = sum(g.size for g in spec.groups)
         idf = sum(gr["models"][lab]["identity_fraction"] * g.size
                   for gr, g in zip(group_reports, spec.groups)) / max(tot, 1)
-        model_reports[lab] = {"identity_fraction": idf, "distance_before": dist[lab][0],
-                              "distance_after": dist[lab][1]}
+        alignment[lab] = {"identity_fraction": idf,
+                          "distance_before": dist[lab][0] if distances else None,
+                          "distance_after": dist[lab][1] if distances else None}
     report = {
         "method": "ot_fusion", "solver": solver, "epsilon": epsilon if solver == "sinkhorn" else None,
         "rounds": rounds, "barycenter": barycenter, "soft": bool(soft), "anchor": _label(anchor),
-        "weights": w, "spec": spec.coverage(), "models": model_reports, "groups": group_reports,
-        "seconds": {"align": t1 - t0, "output": t2 - t1},
+        "weights": w, "spec": spec.coverage(), "alignment": alignment, "groups": group_reports,
+        "units": units, "seconds": {"align": t1 - t0, "output": t2 - t1},
     }
     return merged, report

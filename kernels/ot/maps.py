@@ -74,15 +74,31 @@ def apply_maps_state_dict(sd: Mapping[str, torch.Tensor], spec: Spec, maps) -> d
     return {k: (apply_key(v, ka[k], maps, spec.groups) if k in ka else v) for k, v in sd.items()}
 
 
+def state_dict_spec(shapes) -> Spec:
+    """Spec for the UNet (or, without one, the CLIP towers) inside a larger state dict, e.g. a
+    whole checkpoint (`model.diffusion_model.*` next to VAE and text-encoder keys); the other keys
+    are simply not in it. A dict that is only a UNet or only a CLIP gets the full, checked spec."""
+    from .spec import _CLIP_LAYER, _unet_prefix
+
+    p = _unet_prefix(shapes)
+    if p is not None:
+        sub = {k: v for k, v in shapes.items() if k.startswith(p)}
+    else:
+        towers = {m.group(1) for k in shapes for m in [_CLIP_LAYER.match(k)] if m}
+        sub = {k: v for k, v in shapes.items() if any(k.startswith(t) for t in towers)}
+    return build_spec(sub or shapes)
+
+
 def permute_state_dict(sd: Mapping[str, torch.Tensor], spec: Spec | None = None, seed: int = 0,
                        return_maps: bool = False):
     """A function-preserving random permutation of a state dict (UNet, CLIP, or any spec).
 
     The result computes the same function as `sd` (up to float rounding) but its hidden units
-    are shuffled group by group; fusing it with `sd` by OT should return `sd`.
-    `spec` defaults to ``build_spec`` on the state dict's shapes."""
+    are shuffled group by group (GroupNorm groups, heads and GEGLU halves kept intact); fusing it
+    with `sd` by OT returns `sd`. `spec` defaults to `state_dict_spec`: in a whole checkpoint the
+    UNet is permuted and every other key is returned unchanged. Same seed, same permutation."""
     if spec is None:
-        spec = build_spec({k: tuple(v.shape) for k, v in sd.items()})
+        spec = state_dict_spec({k: tuple(v.shape) for k, v in sd.items()})
     maps = random_maps(spec, seed)
     out = apply_maps_state_dict(sd, spec, maps)
     return (out, maps) if return_maps else out

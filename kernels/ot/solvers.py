@@ -23,6 +23,8 @@ import math
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from ..errors import MergeInputError
 
@@ -30,13 +32,31 @@ SOLVERS = ("exact", "sinkhorn")
 
 
 def assign_exact(cost: torch.Tensor) -> torch.Tensor:
-    """Permutation minimising Σ_i cost[i, perm[i]] (square cost). Returns a CPU LongTensor."""
+    """Permutation minimising Σ_i cost[i, perm[i]] (square cost). Returns a CPU LongTensor.
+
+    Two exact solvers from scipy, picked by a cheap look at the problem: when the row minima
+    are (nearly) a permutation already (same-base or permuted copies), ``linear_sum_assignment``
+    finishes almost at once; otherwise (unrelated models) the sparse Jonker-Volgenant variant
+    ``min_weight_full_bipartite_matching`` on the dense matrix is ~1.5x faster at n >= 1024.
+    Both return an optimal assignment."""
     c = cost.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(c).all():
         raise MergeInputError("OT fusion: the cost matrix has NaN/inf entries (NaN weights in a model?)")
-    rows, cols = linear_sum_assignment(c)
-    perm = np.empty(c.shape[0], dtype=np.int64)
-    perm[rows] = cols
+    n = c.shape[0]
+    perm = None
+    if n >= 1024 and len(np.unique(c.argmin(axis=1))) < 0.9 * n:
+        lo, hi = float(c.min()), float(c.max())
+        shifted = c - lo + max(1e-3 * (hi - lo), 1e-300)  # strictly positive: zeros are not edges
+        try:
+            rows, cols = min_weight_full_bipartite_matching(csr_matrix(shifted))
+            perm = np.empty(n, dtype=np.int64)
+            perm[rows] = cols
+        except ValueError:  # pragma: no cover - a dense positive matrix always has a matching
+            perm = None
+    if perm is None:
+        rows, cols = linear_sum_assignment(c)
+        perm = np.empty(n, dtype=np.int64)
+        perm[rows] = cols
     return torch.from_numpy(perm)
 
 
@@ -59,17 +79,19 @@ def _stages(epsilon: float, factor: float = 0.25) -> list:
 
 
 def sinkhorn(cost: torch.Tensor, epsilon: float, *, tol: float = 1e-5, max_iter: int = 2000,
-             check_every: int = 10, scaling: bool = True, normalize: bool = True):
+             check_every: int = 10, scaling: bool = True, normalize: bool = True, dtype=None):
     """Entropic OT between uniform marginals for a (n, n) or batched (B, n, m) cost.
 
     Returns (plan, info): plan has the cost's shape, rows sum to 1/n (total mass 1 per problem);
-    info = {"iterations": int, "marginal_error": float, "epsilon": float, "scale": list|float}.
+    info = {"iterations": int, "marginal_error": float, "epsilon": float}.
+    dtype: None = fp64 when epsilon < 0.01, else fp32.
     """
     if not (epsilon > 0) or not math.isfinite(epsilon):
         raise MergeInputError(f"OT fusion: epsilon must be > 0, got {epsilon}")
     single = cost.dim() == 2
     c = cost[None] if single else cost
-    dtype = torch.float64 if epsilon < 0.01 else torch.float32
+    if dtype is None:
+        dtype = torch.float64 if epsilon < 0.01 else torch.float32
     c = c.to(dtype)
     if not torch.isfinite(c).all():
         raise MergeInputError("OT fusion: the cost matrix has NaN/inf entries (NaN weights in a model?)")

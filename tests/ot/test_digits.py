@@ -120,4 +120,4 @@ def test_digits_permuted_copy_is_recovered(data):
     print(f"\ndigits permuted copy: model {base:.1f}, OT {accuracy(fused, Xte, yte):.1f}, "
           f"plain average {accuracy(plain, Xte, yte):.1f}")
     assert accuracy(plain, Xte, yte) < base - 2.0
-    assert rep["models"]["model_2"]["distance_after"] < 1e-20
+    assert rep["alignment"]["model_2"]["distance_after"] < 1e-20
