@@ -4,8 +4,9 @@ Task-vector mode: base + λ Σ c_i (x_i - base) == Σ (λ c_i) x_i + (1 - λ Σ 
 task-vector result is again a linear combination of the inputs and the base.
 
 combine() computes in fp32 (fp64 when an input is fp64), chunk by chunk in a reused buffer (the
-chunk stays in cache and no full-size fp32 temporary is allocated), and writes the result in the
-requested dtype. Exactness: terms with coefficient 0 are skipped; a single coefficient exactly 1
+chunk stays in cache and no full-size fp32 temporary is allocated), pivoted on the largest
+coefficient c_p as c_p (x_p + Σ (c_i/c_p) x_i) so the final multiply also writes the requested
+dtype: one pass per input plus one. Exactness: terms with coefficient 0 are skipped; a single coefficient exactly 1
 (others 0) returns a copy of that input; when all used inputs are bit-identical (same dtype) and
 the coefficients sum to 1 (±1e-12) with base coefficient 0 (±1e-12) the result is that input,
 bit-exact (Σ c_i x in floating point would not be).
@@ -83,20 +84,26 @@ def combine(xs: Sequence[torch.Tensor], coeffs_row, base: torch.Tensor | None = 
     numel = out.numel()
     if numel == 0:
         return out
+    # pivot on the largest coefficient: r = x_p + Σ (c_i/c_p) x_i, out = c_p · r (the last
+    # multiply writes the output dtype directly): one pass per input plus one
+    p = max(range(len(terms)), key=lambda i: abs(terms[i][0]))
+    cp, xp = terms[p]
+    rest = [(c / cp, x.reshape(-1)) for i, (c, x) in enumerate(terms) if i != p]
+    fp = xp.reshape(-1)
     fo = out.view(-1)
-    flat = [(c, x.reshape(-1)) for c, x in terms]
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
     direct = dtype == cdt
     acc = None if direct else torch.empty(chunk, dtype=cdt, device=dev)
-    mixed_ok = all(x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for _, x in flat)
+    mixed_ok = all(x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for _, x in rest)
     tmp = None if mixed_ok else torch.empty(chunk, dtype=cdt, device=dev)
     for a in range(0, numel, chunk):
         e = min(numel, a + chunk)
         r = fo[a:e] if direct else acc[: e - a]
-        (c0, x0), rest = flat[0], flat[1:]
-        r.copy_(x0[a:e]).mul_(c0)  # (torch.mul(fp16, c, out=fp32) would multiply in fp16)
+        r.copy_(fp[a:e])
         for c, x in rest:
             r.add_(x[a:e] if mixed_ok else tmp[: e - a].copy_(x[a:e]), alpha=c)
-        if not direct:
-            fo[a:e].copy_(r)
+        if direct:
+            r.mul_(cp)
+        else:
+            torch.mul(r, cp, out=fo[a:e])
     return out

@@ -13,11 +13,12 @@ How it is computed (precision, then speed):
   keep fp32 relative accuracy however close the models are (an uncentred fp32 Gram loses
   ~(‖x‖/‖x_i - x_j‖)^2 of it). Identical inputs give b_i = 0 exactly, hence a d-block that is
   exactly zero (solvers use that to return the input bit-exactly).
-- Products: one batched matmul per chunk over sub-blocks of 1024 elements (fp32 accumulations
-  stay short: ~1e-7 relative error, where one gemv/gemm over a 10^5-element chunk gives
-  1e-6..1e-5), summed per chunk, then over chunks in fp64. Chunks of 2^17 elements stay in the
-  CPU cache; on CUDA chunks are 2^24 elements (fewer launches). Peak extra memory: N+1 rows of
-  one chunk in the compute dtype.
+- Products of the differences: one batched matmul per chunk over sub-blocks of 1024 elements
+  (fp32 accumulations stay short: ~1e-7 relative error, where one gemv/gemm over a 10^5-element
+  chunk gives 1e-6..1e-5), summed per chunk, then over chunks in fp64. The pivot row <b_0, b_i>
+  (only needed for norms: Karcher) likewise; full=False skips it (geometric median, distances).
+  Chunks of 2^18 elements (CPU cache); on CUDA 2^24 (fewer launches). Peak extra memory: N+1
+  rows of one chunk in the compute dtype.
 - Norms ‖p_i‖^2 = ‖m‖^2 + 2<m,d_i> + ‖d_i‖^2 are accurate relative to ‖p_i‖^2 when the inputs
   have similar norms (always the case for fine-tunes); a point much closer to 0 than the others
   gets an absolute error ~1e-7·max‖p‖^2 (fp32 data). Exact zeros (a task vector equal to 0
@@ -32,7 +33,7 @@ import torch
 
 from .errors import MergeInputError, model_name
 
-CPU_CHUNK = 1 << 17
+CPU_CHUNK = 1 << 18
 CUDA_CHUNK = 1 << 24
 SUB_BLOCK = 1024  # elements per product sub-block
 
@@ -58,13 +59,17 @@ def pivot_map(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
 
 
 def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
-                chunk_elems: int | None = None, key: str = "tensor", check: bool = True) -> torch.Tensor:
+                chunk_elems: int | None = None, key: str = "tensor", check: bool = True,
+                full: bool = True) -> torch.Tensor:
     """Augmented (N+1)x(N+1) fp64 Gram of [m, d_1..d_N] for one key, on xs[0].device.
 
     xs: N tensors of one shape, any float dtype (fp64/32/16, bf16, fp8); base: optional, same
-    shape (task-vector mode, points x_i - base). chunk_elems: elements per chunk (default 2^17
+    shape (task-vector mode, points x_i - base). chunk_elems: elements per chunk (default 2^18
     on CPU, 2^24 on CUDA). check: one host sync per key to name the input holding NaN/Inf
     (MergeInputError) and to make exact-zero points exact; False skips both.
+    full=False computes only the centred block G[1:, 1:] (all that the geometric median and the
+    pairwise distances use; about 40% less work): G[0, 0] is then -1 and G[0, i] = G[i, 0] = 0,
+    a marker that Karcher refuses. Sums over keys keep the marker as long as no full Gram is mixed in.
     """
     n = len(xs)
     if n == 0:
@@ -73,14 +78,19 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
     cdt = compute_dtype(*xs, base)
     numel = xs[0].numel()
     if numel == 0:
-        return torch.zeros(n + 1, n + 1, dtype=torch.float64, device=dev)
+        g = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=dev)
+        if not full:
+            g[0, 0] = -1.0
+        return g
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
     flat = [x.reshape(-1) for x in xs]
     fb = base.reshape(-1) if base is not None else None
     rows = n + (1 if base is not None else 0)
     buf = torch.empty(rows, chunk, dtype=cdt, device=dev)
     nchunks = -(-numel // chunk)
-    parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
+    dd = torch.zeros(nchunks, n - 1, n - 1, dtype=cdt, device=dev)
+    r0 = torch.zeros(nchunks, n, dtype=cdt, device=dev)
+    need_row = full
     for j in range(nchunks):
         a = j * chunk
         e = min(numel, a + chunk)
@@ -89,21 +99,33 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
             b[i].copy_(flat[i][a:e])
         if n > 1:
             b[1:n].sub_(b[0])
-        if fb is not None:
-            b[n].copy_(fb[a:e])
-            b[0].sub_(b[n])
-        chunk_products(b[:n], parts[j])
-    beta = finish_products(parts)
+            block_products(b[1:n], dd[j])
+        if need_row:
+            if fb is not None:
+                b[0].sub_(b[n].copy_(fb[a:e]))
+            row_products(b[:n], r0[j])
+    beta = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    if n > 1:
+        beta[1:, 1:] = finish_products(dd)
+    if need_row:
+        row = r0.to(torch.float64).sum(0)
+        beta[0, :] = row
+        beta[:, 0] = row
     if check:
-        beta = _checked(beta, xs, base, key)
+        beta = _checked(beta, xs, base, key, norms=full)
     t = pivot_map(n, device=dev)
-    return t @ beta @ t.T
+    g = t @ beta @ t.T
+    if not full:
+        g[0, :] = 0.0
+        g[:, 0] = 0.0
+        g[0, 0] = -1.0
+    return g
 
 
-def chunk_products(b: torch.Tensor, out: torch.Tensor) -> None:
-    """b b^T for the rows of one chunk into out (N, N), compute dtype: one batched matmul over
+def block_products(b: torch.Tensor, out: torch.Tensor) -> None:
+    """b b^T for the rows of one chunk into out (R, R), compute dtype: one batched matmul over
     sub-blocks of SUB_BLOCK elements, summed. Short accumulations keep fp32 products to ~1e-7
-    relative (one gemv or gemm over the whole chunk accumulates ~1e-6..1e-5 error)."""
+    relative (one gemv or gemm over a 10^5-element chunk accumulates ~1e-6..1e-5 error)."""
     r, c = b.shape
     m = (c // SUB_BLOCK) * SUB_BLOCK
     if m:
@@ -116,30 +138,56 @@ def chunk_products(b: torch.Tensor, out: torch.Tensor) -> None:
         out.addmm_(t, t.T)
 
 
+def row_products(b: torch.Tensor, out: torch.Tensor) -> None:
+    """<b_0, b_i> for the rows of one chunk into out (R,), sub-blocked like block_products."""
+    r, c = b.shape
+    m = (c // SUB_BLOCK) * SUB_BLOCK
+    if m:
+        v = b[:, :m].view(r, m // SUB_BLOCK, SUB_BLOCK).transpose(0, 1)
+        torch.sum(torch.bmm(v[:, :1], v.transpose(1, 2)), 0, out=out.view(1, r))
+    else:
+        out.zero_()
+    if m < c:
+        t = b[:, m:]
+        out.addmv_(t, t[0])
+
+
+def chunk_products(b: torch.Tensor, out: torch.Tensor) -> None:
+    """All of b b^T (pivoted rows [b_0, b_1..]) into out (N, N)."""
+    n = b.shape[0]
+    if n > 1:
+        block_products(b[1:], out[1:, 1:])
+    row_products(b, out[0])
+    out[1:, 0] = out[0, 1:]
+
+
 def finish_products(parts: torch.Tensor) -> torch.Tensor:
-    """Sum per-chunk products (C, N, N) in fp64, symmetrised."""
+    """Sum per-chunk products (C, R, R) in fp64, symmetrised."""
     beta = parts.to(torch.float64).sum(0)
-    return (beta + beta.T) / 2
+    return (beta + beta.transpose(-1, -2)) / 2
 
 
-def _checked(beta: torch.Tensor, xs, base, key: str) -> torch.Tensor:
+def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True) -> torch.Tensor:
+    from .inputs import nonfinite_kind
+
     n = beta.shape[0]
     # squared norms of p_i from the pivoted Gram: p_1 = b_0, p_i = b_0 + b_{i-1}
     d = beta.diagonal()
     sq = torch.cat([d[:1], d[0] + 2 * beta[0, 1:] + d[1:]])
     flags = torch.stack([~torch.isfinite(beta).all(), (sq <= 1e-4 * sq.max()).any() & (sq.max() > 0)])
     bad, small = flags.tolist()  # the one host sync per key
+    if not norms and base is not None and not bad:
+        bad = nonfinite_kind(base) is not None  # the base cancels in the differences
     if bad:
         for name, x in [(model_name(i), x) for i, x in enumerate(xs)] + [("base_model", base)]:
             if x is None:
                 continue
-            from .inputs import nonfinite_kind
             kind = nonfinite_kind(x)
             if kind:
                 raise MergeInputError(f"key '{key}': {name} contains {kind} values")
         raise MergeInputError(f"key '{key}': the inputs overflow the compute precision (norms beyond ~1e19)")
-    if small and n > 1:
-        zero = [i for i in range(1, n) if _is_zero_point(xs[i], base) and float(sq[i]) <= 1e-4 * float(sq.max())]
+    if norms and small and n > 1:
+        zero = [i for i in range(1, n) if float(sq[i]) <= 1e-4 * float(sq.max()) and _is_zero_point(xs[i], base)]
         if zero:  # p_i = 0 exactly: b_{i-1} = -b_0, make its Gram rows exact
             r = torch.eye(n, dtype=beta.dtype, device=beta.device)
             for i in zero:

@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from .errors import MergeInputError
 from .gram import quad
 from .solution import Solution, identical_units, may_stop, one_hot_first, prepare, small_op_threads
 
@@ -52,6 +53,8 @@ def solve_karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
 def _karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
              max_iter: int = DEFAULTS["max_iter"], eps: float = DEFAULTS["eps"]) -> Solution:
     g, w = prepare(grams, weights)
+    if bool((g[:, 0, 0] < 0).any()):
+        raise MergeInputError("karcher needs norms: compute the Grams with gram_matrix(..., full=True)")
     k, n = g.shape[0], g.shape[1] - 1
     dev = g.device
     eye = torch.eye(n, dtype=torch.float64, device=dev)

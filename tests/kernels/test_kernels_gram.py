@@ -47,7 +47,13 @@ def test_low_precision_inputs_centred_accuracy(dtype):
     dref = pairwise_distances(ref)
     dgot = pairwise_distances(got)
     assert float(((dgot - dref).abs() / (dref + torch.eye(3))).max()) < 2e-6
-    assert float((got - ref).abs().max() / ref.abs().max()) < 2e-6
+    assert _scaled_err(got, ref) < 2e-6
+
+
+def _scaled_err(got, ref):
+    """max |error_ij| / sqrt(ref_ii ref_jj): entry errors on the scale of the vectors' norms."""
+    d = ref.diagonal().clamp_min(1e-300).sqrt()
+    return float(((got - ref).abs() / (d[:, None] * d[None, :])).max())
 
 
 def test_sum_over_keys_is_gram_of_concatenation():
@@ -97,4 +103,23 @@ def test_memory_is_chunked():
     xs, _ = _models(3, shape=(1 << 20,), spread=0.1, seed=3, dtype=torch.float16)
     got = gram_matrix(xs, chunk_elems=1 << 16)
     ref = direct_gram(xs)
-    assert float((got - ref).abs().max() / ref.abs().max()) < 2e-6
+    assert _scaled_err(got, ref) < 2e-6
+
+
+def test_centred_only_gram():
+    """full=False: the centred block only (geometric median, distances); Karcher refuses it."""
+    from kernels import MergeInputError, solve
+
+    xs, base = _models(4, dtype=torch.float16)
+    full = gram_matrix(xs, base)
+    part = gram_matrix(xs, base, full=False)
+    assert torch.equal(part[1:, 1:], full[1:, 1:])
+    assert float(part[0, 0]) == -1.0 and torch.count_nonzero(part[0, 1:]) == 0
+    assert torch.equal(solve("geometric_median", part[None], None).coeffs,
+                       solve("geometric_median", full[None], None).coeffs)
+    with pytest.raises(MergeInputError, match="full=True"):
+        solve("karcher", (part + part)[None], None)
+    bad = base.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(MergeInputError, match="base_model contains NaN"):
+        gram_matrix(xs, bad, full=False)
