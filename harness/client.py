@@ -124,11 +124,14 @@ class ComfyClient:
 
         url = self.base.replace("http://", "ws://") + f"/ws?clientId={self.client_id}"
         self._ws = websocket.create_connection(url, timeout=10)
+        self._ws.settimeout(None)  # quiet stretches (a checkpoint being generated) must not end it
 
         def pump():
             while True:
                 try:
                     msg = self._ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    continue
                 except Exception:
                     return
                 if isinstance(msg, str):
