@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from .errors import MergeInputError
-from .gram import compute_dtype, default_chunk
+from .gram import compute_dtype, default_chunk, scratch
 
 
 def task_vector_coefficients(coeffs: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +93,9 @@ def combine(xs: Sequence[torch.Tensor], coeffs_row, base: torch.Tensor | None = 
     fo = out.view(-1)
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
     direct = dtype == cdt
-    acc = None if direct else torch.empty(chunk, dtype=cdt, device=dev)
+    acc = None if direct else scratch("combine.acc", (chunk,), cdt, dev)
     mixed_ok = all(x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for _, x in rest)
-    tmp = None if mixed_ok else torch.empty(chunk, dtype=cdt, device=dev)
+    tmp = None if mixed_ok else scratch("combine.tmp", (chunk,), cdt, dev)
     for a in range(0, numel, chunk):
         e = min(numel, a + chunk)
         r = fo[a:e] if direct else acc[: e - a]

@@ -21,7 +21,7 @@ import torch
 
 from .combine import same_tensors
 from .errors import MergeInputError
-from .gram import compute_dtype, default_chunk
+from .gram import compute_dtype, default_chunk, scratch
 from .inputs import check_weights
 
 _HALF_TOL = 1e-12
@@ -51,7 +51,7 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
     fo = out.view(-1)
     flat = [x.reshape(-1) for x in xs]
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
-    buf = torch.empty(n, chunk, dtype=cdt, device=dev)
+    buf = scratch("element_median", (n, chunk), cdt, dev)
     equal = bool((w == w[0]).all())
     for a in range(0, numel, chunk):
         e = min(numel, a + chunk)

@@ -27,6 +27,8 @@ How it is computed (precision, then speed):
 """
 from __future__ import annotations
 
+import math
+import threading
 from typing import Sequence
 
 import torch
@@ -36,6 +38,26 @@ from .errors import MergeInputError, model_name
 CPU_CHUNK = 1 << 18
 CUDA_CHUNK = 1 << 24
 SUB_BLOCK = 1024  # elements per product sub-block
+
+
+_tls = threading.local()
+
+
+def scratch(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A reusable uninitialised buffer. On CPU one per (thread, name, dtype), grown as needed:
+    a fresh multi-MB allocation per key is a fresh mmap whose page faults cost about as much as
+    the arithmetic. Elsewhere torch's caching allocator already reuses memory."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    t = bufs.get((name, dtype))
+    if t is None or t.numel() < n:
+        t = bufs[(name, dtype)] = torch.empty(max(n, 1), dtype=dtype)
+    return t[:n].view(shape)
 
 
 def compute_dtype(*tensors) -> torch.dtype:
@@ -86,7 +108,7 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
     flat = [x.reshape(-1) for x in xs]
     fb = base.reshape(-1) if base is not None else None
     rows = n + (1 if base is not None else 0)
-    buf = torch.empty(rows, chunk, dtype=cdt, device=dev)
+    buf = scratch("gram", (rows, chunk), cdt, dev)
     nchunks = -(-numel // chunk)
     dd = torch.zeros(nchunks, n - 1, n - 1, dtype=cdt, device=dev)
     r0 = torch.zeros(nchunks, n, dtype=cdt, device=dev)

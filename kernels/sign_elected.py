@@ -29,7 +29,7 @@ import torch
 from . import geometric_median as gm
 from .combine import same_tensors
 from .errors import MergeInputError
-from .gram import chunk_products, compute_dtype, default_chunk, finish_products, pivot_map
+from .gram import chunk_products, compute_dtype, default_chunk, finish_products, pivot_map, scratch
 from .inputs import check_params, check_weights
 
 DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
@@ -75,8 +75,8 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), max(numel, 1)))
     flat = [x.reshape(-1) for x in xs]
     fb = base.reshape(-1)
-    buf = torch.empty(n + 1, chunk, dtype=cdt, device=dev)
-    mask = torch.empty(n, chunk, dtype=cdt, device=dev) if p > 0 else None
+    buf = scratch("sign_elected", (n + 1, chunk), cdt, dev)
+    mask = scratch("sign_elected.mask", (n, chunk), cdt, dev) if p > 0 else None
     wd = w.to(device=dev, dtype=cdt)
     gen = torch.Generator(device=dev) if p > 0 else None
     kseed = key_seed(int(seed), key)
