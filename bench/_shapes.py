@@ -108,3 +108,32 @@ def clip_shapes(kind: str = "l") -> list[tuple[str, tuple[int, ...]]]:
     if proj:
         s += [(f"clip_{kind}.transformer.text_projection.weight", (proj, width))]
     return s
+
+
+def synthetic_models(shapes, n_models: int = 3, seed: int = 0, spread: float = 0.01, dtype=None):
+    """Deterministic fine-tune-like models: per key a base ~ N(0, 0.05^2) and n_models copies
+    base + spread·0.05·N(0, 1), stored in `dtype` (default float16). Seeded per key, so another
+    process (another venv with the same torch) regenerates the same tensors.
+    Returns a list of n_models lists of tensors (one per key)."""
+    import torch
+
+    dtype = dtype or torch.float16
+    models = [[] for _ in range(n_models)]
+    for j, (_, shape) in enumerate(shapes):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + j)
+        base = torch.randn(shape, generator=g) * 0.05
+        for i in range(n_models):
+            models[i].append((base + (spread * 0.05) * torch.randn(shape, generator=g)).to(dtype))
+    return models
+
+
+def checksum(tensors) -> float:
+    import torch
+
+    return float(sum(t.to(torch.float64).sum() for t in tensors))
+
+
+def subset(shapes, fraction: float):
+    """Every round(1/fraction)-th key (fraction 1: all)."""
+    step = max(1, int(round(1.0 / fraction)))
+    return shapes[::step]
