@@ -80,6 +80,7 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
     if not (-16.0 <= float(strength) <= 16.0) or strength != strength:
         raise MergeInputError(f"strength must be a finite number in [-16, 16]; got {strength}")
     keys = validate(sources, base)
+    keys, kept = _drop_unloaded(sources, base, keys)
     n = len(sources)
     w = parse_weights(weights, n)
     dev = host_api.compute_device(device)
@@ -90,6 +91,8 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
         "base": base.name if base is not None else None, "strength": float(strength),
         "device": str(dev), "keys": len(keys),
     }
+    if kept:
+        report["kept_from_first"] = kept
     merged = sources[0].owner.clone()
     if info.linear:
         unit_ids, unit_names = _units(keys, scope)
@@ -112,6 +115,25 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
     host_api.release(dev)
     report.setdefault("timing", {})["total_s"] = time.perf_counter() - t0
     return MergeResult(merged, report)
+
+
+# Weights ComfyUI creates but no SD checkpoint holds: current ComfyUI leaves them uninitialised
+# (garbage, often NaN) and ignores them (SD1.x never uses CLIP-L's projection). Merged only when
+# every input holds finite values; else model_1's is kept and the report says so.
+UNLOADED_SUFFIXES = (".transformer.text_projection.weight",)
+
+
+def _drop_unloaded(sources, base, keys):
+    kept = []
+    for key in [k for k in keys if k.endswith(UNLOADED_SUFFIXES)]:
+        for s in sources + ([base] if base is not None else []):
+            if not bool(torch.isfinite(s.stored(key)).all()):
+                kept.append(key)
+                break
+    if not kept:
+        return keys, []
+    skip = set(kept)
+    return [k for k in keys if k not in skip], kept
 
 
 def _units(keys: list[str], scope: str):
