@@ -5,23 +5,34 @@
                              device="cpu", out_dtype=None, progress=None)
 
 ``read(i, key)`` returns model i's (effective) weight for `key` on any device/dtype; it is called
-several times per key (once per group that touches the key while solving, once for the output),
-so it should be cheap or cached by the caller. Nothing model-sized is held: maps are solved group
-by group from the tensors of that group only, and the output is produced key by key (gather the
+about three times per key (by the two groups that touch most keys, then for the output), so it
+should be cheap or cached by the caller. Nothing model-sized is held: maps are solved group by
+group from the tensors of that group only, and the output is produced key by key (gather the
 aligned rows/columns of each model's tensor, barycenter, cast). Peak memory is a few tensors of one
-group plus the maps (hard maps: n integers per group and model; soft maps: n×n floats).
+group, one n×n cost matrix, and the maps (hard: n integers per group and model; soft: n×n floats).
 
 Alignment (Singh & Jaggi 2020, weight matching as in git re-basin): for group g and model m,
-C[i, j] = Σ_slices ‖A_s[i] − B_s[j]‖² where A is the anchor and B model m with the maps of all
-other groups already applied; the map minimises Σ_i C[i, map(i)] (exact assignment, or entropic OT
-then rounding); GroupNorm groups and attention heads are solved inside blocks, then over blocks
-(solvers.solve_structured). ``rounds`` > 1 repeats the sweep (coordinate descent over groups).
+C[i, j] = Σ_slices ‖A_s[i] − B_s[j]‖² where A is the anchor and B model m with the maps of the
+other groups applied; the map minimises Σ_i C[i, map(i)] (exact assignment, or entropic OT then
+rounding); GroupNorm groups and attention heads are solved inside blocks, then over blocks
+(solvers.solve_structured). The first sweep, in spec order (input to output), uses only the slices
+whose other axes are fixed or already aligned (the sequential scheme of Singh & Jaggi); ``rounds``
+> 1 repeats the sweep with every slice (coordinate descent: each step is an exact minimisation
+of the total distance over one group, so later rounds never increase it).
+
+Exact solver shortcut: before forming the n×n cost (n²·r multiply-adds) a cheap bound tries to
+prove that the identity is optimal (``_identity_certified``); fine-tunes of one base pass it and
+cost one n·r·64 projection per group instead. Anything else is solved in full.
+
+The barycenter is taken per key with the pack's kernels (combine / gram_matrix + the geometric
+median or Karcher solver; for those two all keys are solved in one batch after a Gram pass).
 
 The report (JSON-serialisable) has, per group and model: identity fraction (share of units the
 map leaves in place; for soft maps the mass on the diagonal), cost before (identity map) and
-after (chosen map), solver iterations (null for the exact solver) and final marginal error; per
-model: size-weighted identity fraction and the squared distance to the anchor over all keys,
-before and after alignment.
+after (chosen map), solver iterations (null for the exact solver), final marginal error and
+whether the identity was certified; per model ("alignment"): size-weighted identity fraction and
+the squared distance to the anchor over all keys before and after alignment; per key ("units"):
+the barycenter coefficients and whether any map moved it.
 """
 from __future__ import annotations
 

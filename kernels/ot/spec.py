@@ -153,9 +153,7 @@ def _finish(family: str, shapes: Shapes, groups: list, fixed: Iterable[str], inf
         head = ", ".join(uncovered[:6]) + (f" … ({len(uncovered)} keys)" if len(uncovered) > 6 else "")
         raise MergeInputError(
             f"OT fusion does not know this {family} architecture: keys not covered by its spec: {head}")
-    extra = [k for k in fixed if k not in shapes]
     fixed = [k for k in fixed if k in shapes]
-    del extra
     return Spec(family, groups, fixed, shapes, info)
 
 

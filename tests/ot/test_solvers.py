@@ -151,17 +151,3 @@ def test_structured_exact_is_optimal_over_block_maps():
                 perm = torch.tensor([bp[0] * 2 + w0[0], bp[0] * 2 + w0[1], bp[1] * 2 + w1[0], bp[1] * 2 + w1[1]])
                 best = min(best, total(c[""], perm))
     assert total(c[""], maps[""]) == pytest.approx(best, rel=1e-12)
-
-
-@pytest.mark.parametrize("kind", ["unrelated", "permuted"])
-def test_exact_both_scipy_paths_agree(kind):
-    """n >= 1024 picks the sparse JV solver for hard problems, linear_sum_assignment for easy ones."""
-    from scipy.optimize import linear_sum_assignment
-
-    g = torch.Generator().manual_seed(8)
-    a = torch.randn(1100, 40, generator=g, dtype=torch.float64)
-    b = torch.randn(1100, 40, generator=g, dtype=torch.float64) if kind == "unrelated" else \
-        a[torch.randperm(1100, generator=g)] + 0.01 * torch.randn(1100, 40, generator=g, dtype=torch.float64)
-    c = torch.cdist(a, b) ** 2
-    r, col = linear_sum_assignment(c.numpy())
-    assert total(c, assign_exact(c)) == pytest.approx(float(c.numpy()[r, col].sum()), rel=1e-12)
