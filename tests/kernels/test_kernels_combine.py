@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import (combine, element_median, gram_matrix, parse_weights, sign_elected_median, solve,
-                     task_vector_coefficients)
+from kernels import combine, element_median, parse_weights, sign_elected_median, task_vector_coefficients
 from tests.kernels.kernels_ref import direct_weiszfeld, rel
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from kernels import gram_matrix, solve

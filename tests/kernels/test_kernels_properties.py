@@ -3,7 +3,6 @@ breakdown, one-hot weights, N=1 and identical inputs (bit-exact)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
