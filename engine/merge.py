@@ -100,7 +100,8 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
             coeffs = w.unsqueeze(0).expand(len(unit_names), n)
             record: dict = {}
         else:
-            grams = _gram_pass(sources, base, keys, dev)
+            # GM needs only the centred block of the Gram (cheaper); Karcher the norms too
+            grams = _gram_pass(sources, base, keys, dev, full=method != "geometric_median")
             t_read = time.perf_counter()
             unit_grams = torch.zeros((len(unit_names),) + grams.shape[1:], dtype=grams.dtype, device=grams.device)
             unit_grams.index_add_(0, unit_ids.to(grams.device), grams)
@@ -153,7 +154,7 @@ def _read_all(sources, base, key, dev):
     return xs, b
 
 
-def _gram_pass(sources, base, keys, dev) -> torch.Tensor:
+def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     """One read of every input: the (N+1)x(N+1) fp64 Gram per key, stacked (K, N+1, N+1)."""
     largest = max(sources[0].stored(k).numel() for k in keys)
     host_api.make_room(dev, 4 * largest * (len(sources) + 2) * 2)
@@ -161,7 +162,7 @@ def _gram_pass(sources, base, keys, dev) -> torch.Tensor:
     grams = []
     for j, key in enumerate(keys):
         xs, b = _read_all(sources, base, key, dev)
-        grams.append(gram_matrix(xs, b, key=key))
+        grams.append(gram_matrix(xs, b, key=key, full=full))
         progress(j + 1)
     return torch.stack(grams)
 
