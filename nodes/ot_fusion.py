@@ -17,10 +17,10 @@ import time
 import torch
 
 from ..engine import host_api
-from ..engine.merge import _add_linear_patches, validate
+from ..engine.merge import _add_linear_patches, _drop_unloaded, validate
 from ..kernels import MergeInputError
 from ..kernels.ot import BARYCENTERS, SOLVERS, ot_fuse
-from .common import CATEGORY, MAX_INPUTS, collect, model_inputs
+from .common import MAX_INPUTS, MergeNode, collect, model_inputs
 
 TIPS = {
     "anchor": "Input the others are aligned to (1 = model_1). Its units keep their order.",
@@ -77,6 +77,7 @@ def run_ot(kind: str, kwargs: dict):
     t0 = time.perf_counter()
     try:
         keys = validate(sources, None)
+        keys, kept = _drop_unloaded(sources, None, keys)  # as the other merges: model_1's value stays
         anchor_name = f"{label}_{int(kwargs.get('anchor', 1))}"
         if anchor_name not in names:
             raise MergeInputError(f"anchor {int(kwargs.get('anchor', 1))} is out of range: {anchor_name} is not "
@@ -118,22 +119,18 @@ def run_ot(kind: str, kwargs: dict):
     rep = _relabel(rep, names)
     report = {"method": "ot_fusion", "scope": "tensor", "models": names, "family": first.family,
               "device": str(dev), "keys": len(keys), "lazy_keys": len(lin_keys), "set_keys": len(set_patches),
+              **({"kept_from_first": kept} if kept else {}),
               **{k: v for k, v in rep.items() if k not in ("method",)},
               "timing": {"total_s": time.perf_counter() - t0, **rep.get("seconds", {})}}
     return merged, json.dumps(report, separators=(",", ":"), allow_nan=False)
 
 
-class BarycenterOTFusion:
+class BarycenterOTFusion(MergeNode):
     DESCRIPTION = ("OT fusion of 2 to 12 models: the hidden units of every input (ResBlock channels in whole "
                    "GroupNorm groups, attention heads, GEGLU units, transformer streams) are matched to the "
                    "anchor's by optimal transport, then the aligned models are averaged (mean, geometric "
                    "median or Karcher). For models that were trained apart; fine-tunes of one base align to "
                    "the identity and give the plain mean (see identity_fraction in the report).")
-    KIND = "MODEL"
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "report")
-    FUNCTION = "merge"
-    CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -147,5 +144,3 @@ class BarycenterOTFusionCLIP(BarycenterOTFusion):
     DESCRIPTION = ("OT fusion of 2 to 12 CLIP text encoders (CLIP-L, and CLIP-G in SDXL): MLP units and "
                    "attention heads of each layer matched to the anchor's, then averaged.")
     KIND = "CLIP"
-    RETURN_TYPES = ("CLIP", "STRING")
-    RETURN_NAMES = ("clip", "report")

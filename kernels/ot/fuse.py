@@ -29,7 +29,7 @@ median or Karcher solver; for those two all keys are solved in one batch after a
 
 The report (JSON-serialisable) has, per group and model: identity fraction (share of units the
 map leaves in place; for soft maps the mass on the diagonal), cost before (identity map) and
-after (chosen map), solver iterations (null for the exact solver), final marginal error and
+after (chosen map) summed over the slices used to solve the group, solver iterations (null for the exact solver), final marginal error and
 whether the identity was certified; per model ("alignment"): size-weighted identity fraction and
 the squared distance to the anchor over all keys before and after alignment; per key ("units"):
 the barycenter coefficients and whether any map moved it.
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -97,15 +98,25 @@ def _coefficients(grams: torch.Tensor, w: list, method: str, params: dict) -> to
 
 
 class _Reader:
-    """read(i, key) as fp32 on the compute device, with the shape checked against the table."""
+    """read(i, key) checked against the shape table, with a small LRU cache.
 
-    def __init__(self, read, shapes, device):
+    The two groups that touch a key are solved close together (a transformer block's stream
+    group, then its heads and GEGLU groups), so a cache of recently read tensors saves most
+    second reads of effective weights (which recompute LoRA patches) at a bounded memory cost."""
+
+    def __init__(self, read, shapes, device, cache_bytes: int):
         self.read, self.shapes, self.device = read, shapes, device
+        self.budget, self.used = int(cache_bytes), 0
+        self.cache: OrderedDict = OrderedDict()
 
     def __call__(self, i: int, key: str) -> torch.Tensor:
         return self.raw(i, key).to(device=self.device, dtype=torch.float32)
 
     def raw(self, i: int, key: str) -> torch.Tensor:
+        hit = self.cache.get((i, key))
+        if hit is not None:
+            self.cache.move_to_end((i, key))
+            return hit
         t = self.read(i, key)
         if not isinstance(t, torch.Tensor):
             raise MergeInputError(f"OT fusion: {_label(i)} returned no tensor for {key}")
@@ -113,7 +124,20 @@ class _Reader:
             raise MergeInputError(
                 f"OT fusion: {_label(i)} has a different architecture from the others: {key} is "
                 f"{list(t.shape)}, expected {list(self.shapes[key])}")
+        size = t.numel() * t.element_size()
+        if size <= self.budget // 4:
+            self.cache[(i, key)] = t
+            self.used += size
+            while self.used > self.budget:
+                _, old = self.cache.popitem(last=False)
+                self.used -= old.numel() * old.element_size()
         return t
+
+    def forget(self, key: str, n_models: int) -> None:
+        for i in range(n_models):
+            old = self.cache.pop((i, key), None)
+            if old is not None:
+                self.used -= old.numel() * old.element_size()
 
 
 def _rows(t: torch.Tensor, axis: int, offset: int, n: int) -> torch.Tensor:
@@ -212,36 +236,33 @@ def _solve_group(gi, group, spec, ka, reader, anchor, models, maps, solver, epsi
                 mcache[key] = apply_key(reader(m, key), ka[key], maps[m], spec.groups, skip_group=gi)
             return mcache[key]
 
+        try_cert = solver == "exact" and certify
         parts = []
-        before = 0.0
         for part, slices in group.parts:
-            rows = [(_rows(anchor_t(s.key), s.axis, s.offset, n), _rows(model_t(s.key), s.axis, s.offset, n))
-                    for s in slices]
-            dsq = [_row_sqdist(a, b) for a, b in rows]
-            total_p = float(sum(d.sum() for d in dsq))
-            before += total_p
             # first sweep: only slices whose other axes are fixed or already aligned (the
             # sequential order of Singh & Jaggi); unaligned axes would add noise, not signal
-            use = [i for i, s in enumerate(slices) if all(e[2] == gi or e[2] in solved for e in ka[s.key])]
-            use = use or list(range(len(slices)))
-            parts.append((part, slices, [rows[i] for i in use], sum(dsq[i] for i in use), rows, total_p))
-        if not math.isfinite(before):
-            _raise_nonfinite(parts, anchor, m)
-        certified = solver == "exact" and certify and all(
-            _identity_certified(used, dsq, n, proj) for _, _, used, dsq, _, _ in parts)
+            used = [s for s in slices if all(e[2] == gi or e[2] in solved for e in ka[s.key])] or list(slices)
+            rows = [(_rows(anchor_t(s.key), s.axis, s.offset, n), _rows(model_t(s.key), s.axis, s.offset, n))
+                    for s in used]
+            dsq = sum(_row_sqdist(a, b) for a, b in rows) if try_cert else None
+            parts.append((part, used, rows, dsq))
+        certified = try_cert and all(_identity_certified(rows, dsq, n, proj) for _, _, rows, dsq in parts)
         if certified:
             new = {p: None for p in group.part_names}
             info = {"iterations": None, "marginal_error": 0.0}
+            before = after = float(sum(float(dsq.sum()) for _, _, _, dsq in parts))
         else:
             costs = {}
-            for part, _, used, _, _, _ in parts:
+            for part, used, rows, _ in parts:
                 sim = torch.zeros(n, n, dtype=cost_dtype, device=device)
                 na = torch.zeros(n, dtype=torch.float32, device=device)
                 nb = torch.zeros(n, dtype=torch.float32, device=device)
-                for a, b in used:
+                for a, b in rows:
                     sim.addmm_(a.to(cost_dtype), b.to(cost_dtype).T)
                     na += a.square().sum(1)
                     nb += b.square().sum(1)
+                if not (bool(torch.isfinite(na).all()) and bool(torch.isfinite(nb).all())):
+                    _raise_nonfinite(used, rows, anchor, m)
                 # ‖a_i - b_j‖² = ‖a_i‖² + ‖b_j‖² - 2<a_i, b_j>
                 sim = sim.to(torch.float32).mul_(-2.0)
                 sim += na[:, None]
@@ -253,24 +274,27 @@ def _solve_group(gi, group, spec, ka, reader, anchor, models, maps, solver, epsi
                 new = {p: mp for p in group.part_names}
             else:
                 new, info = solve_structured(costs, group.blocks, solver, epsilon, soft, **sk)
+            # cost of the identity and of the chosen map on the slices used (from the cost matrix)
+            before = after = 0.0
+            for part, c in costs.items():
+                mp = new[part]
+                before += float(c.diagonal().double().sum())
+                if mp.dim() == 1:
+                    after += float(c.gather(1, mp.to(c.device)[:, None]).double().sum())
+                else:
+                    after += float((mp.to(c.device) * c).double().sum())
             del costs
-        # cost of the chosen map, computed directly on all of the group's slices
-        after = ident = 0.0
-        for part, slices, _, _, rows, total_p in parts:
+        ident = 0.0
+        for part in group.part_names:
             mp = new[part]
             if mp is not None and _is_identity(mp):
                 mp = None
             if mp is None:
                 ident += 1.0
-                after += total_p
+            elif mp.dim() == 1:
+                ident += float((mp == torch.arange(n, device=mp.device)).double().mean())
             else:
-                if mp.dim() == 1:
-                    ident += float((mp == torch.arange(n, device=mp.device)).double().mean())
-                else:
-                    ident += float(torch.diagonal(mp).double().sum()) / n
-                for a, b in rows:
-                    b = b.index_select(0, mp.to(b.device)) if mp.dim() == 1 else mp.to(b.device) @ b
-                    after += float(_row_sqdist(a, b).sum())
+                ident += float(torch.diagonal(mp).double().sum()) / n
             new[part] = None if mp is None else mp.to(device)
         del parts
         ident /= len(group.parts)
@@ -282,12 +306,11 @@ def _solve_group(gi, group, spec, ka, reader, anchor, models, maps, solver, epsi
     return stats
 
 
-def _raise_nonfinite(parts, anchor: int, m: int):
-    for _, slices, _, _, rows, _ in parts:
-        for s, (a, b) in zip(slices, rows):
-            for who, t in ((anchor, a), (m, b)):
-                if not bool(torch.isfinite(t).all()):
-                    raise MergeInputError(f"OT fusion: key '{s.key}': {_label(who)} contains NaN/Inf values")
+def _raise_nonfinite(slices, rows, anchor: int, m: int):
+    for s, (a, b) in zip(slices, rows):
+        for who, t in ((anchor, a), (m, b)):
+            if not bool(torch.isfinite(t).all()):
+                raise MergeInputError(f"OT fusion: key '{s.key}': {_label(who)} contains NaN/Inf values")
     raise MergeInputError("OT fusion: the alignment cost overflows (weights beyond ~1e19?)")
 
 
@@ -298,7 +321,7 @@ def ot_fuse(read: Callable[[int, str], torch.Tensor], shapes, n_models: int, *, 
             sink: Callable[[str, torch.Tensor], None] | None = None, tol: float = 1e-5,
             max_iter: int = 2000, cost_dtype=torch.float32, barycenter_params: dict | None = None,
             distances: bool = True, certify: bool = True,
-            linear: Callable[[str, list], None] | None = None):
+            linear: Callable[[str, list], None] | None = None, cache_bytes: int = 1 << 30):
     """Fuse `n_models` models by OT alignment to `anchor` (0-based) and a barycenter.
 
     read(i, key): model i's (effective) weight for key, any device/dtype; called about three
@@ -320,6 +343,7 @@ def ot_fuse(read: Callable[[int, str], torch.Tensor], shapes, n_models: int, *, 
         coefficients of Σ coeffs_i x_i over the (unaligned) inputs and may apply them lazily.
     distances: also report each model's squared distance to the anchor before/after alignment
         (one more pass over the weights; forces reading keys that `linear` would skip).
+    cache_bytes: budget of the cache of recently read tensors (second reads of a key).
     Returns (merged dict key -> tensor on `device`, report dict; see the module docstring)."""
     if not isinstance(n_models, int) or n_models < 2:
         raise MergeInputError(f"OT fusion needs at least 2 models, got {n_models}")
@@ -345,7 +369,7 @@ def ot_fuse(read: Callable[[int, str], torch.Tensor], shapes, n_models: int, *, 
     if spec is None:
         spec = build_spec(table)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    reader = _Reader(read, table, device)
+    reader = _Reader(read, table, device, cache_bytes)
     ka = spec.key_axes()
     models = [m for m in range(n_models) if m != anchor]
     maps = {m: [None] * len(spec.groups) for m in range(n_models)}
@@ -441,6 +465,7 @@ def ot_fuse(read: Callable[[int, str], torch.Tensor], shapes, n_models: int, *, 
                     merged[key] = y
                 del y
             del raw, xs
+        reader.forget(key, n_models)
         done += 1
         if progress is not None:
             progress(done, total)
