@@ -1,6 +1,8 @@
 """Shims over the few ComfyUI APIs that differ between the March-2024 snapshot and current ComfyUI."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import comfy.model_management as mm
@@ -50,6 +52,22 @@ def make_room(device: torch.device, nbytes: int) -> None:
 def release(device: torch.device) -> None:
     if device.type != "cpu":
         mm.soft_empty_cache()
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Run a block with `n` intra-op threads. The CPU Gram pass works on cache-sized chunks: with
+    several threads each chunk pays a fork/join, and on a busy machine (a ComfyUI server, other
+    jobs) spinning workers made it 10-25x slower than one thread (bench/bench_host.py)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def check_interrupted() -> None:

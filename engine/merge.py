@@ -160,10 +160,11 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     host_api.make_room(dev, 4 * largest * (len(sources) + 2) * 2)
     progress = host_api.Progress(len(keys))
     grams = []
-    for j, key in enumerate(keys):
-        xs, b = _read_all(sources, base, key, dev)
-        grams.append(gram_matrix(xs, b, key=key, full=full))
-        progress(j + 1)
+    with host_api.cpu_threads(1 if dev.type == "cpu" else None):
+        for j, key in enumerate(keys):
+            xs, b = _read_all(sources, base, key, dev)
+            grams.append(gram_matrix(xs, b, key=key, full=full))
+            progress(j + 1)
     return torch.stack(grams)
 
 
