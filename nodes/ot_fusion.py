@@ -6,7 +6,9 @@ result is a clone of model_1 carrying:
 - lazy linear patches (Σ c_i x_i, like ComfyUI's own merges) on every key that no map moves: for
   fine-tunes of one base that is every key, so the node then costs a plain merge plus the
   alignment check;
-- set-patches (strength_model 0) with the computed tensor on keys whose units were re-ordered.
+- set-patches (strength_model 0) with the computed tensor on keys whose units were re-ordered
+  (held on the CPU in model_1's dtype, as the pack's other tensor-valued merges do).
+Registered by the pack's nodes/__init__.py as "OT Fusion Merge" / "OT Fusion Merge (CLIP)".
 """
 from __future__ import annotations
 
@@ -87,7 +89,9 @@ def run_ot(kind: str, kwargs: dict):
         first = sources[0]
         shapes = {k: tuple(first.stored(k).shape) for k in keys}
         largest = max(first.stored(k).numel() for k in keys)
-        host_api.make_room(dev, 4 * largest * (len(sources) + 4))
+        cache = (1 << 30) if dev.type == "cpu" else (1 << 28)  # recently read weights, reused by the next group
+        # a key per input in fp32, its aligned copies, the n×n costs of a group (Sinkhorn: fp64 temporaries)
+        host_api.make_room(dev, 4 * largest * (2 * len(sources) + 4) + (1 << 30) + cache)
         set_patches: dict = {}
         lin_keys: list = []
         lin_rows: list = []
@@ -103,7 +107,8 @@ def run_ot(kind: str, kwargs: dict):
                          weights=kwargs.get("weights", ""), anchor=anchor, solver=kwargs.get("solver", "exact"),
                          epsilon=kwargs.get("epsilon", 1e-3), rounds=kwargs.get("rounds", 1),
                          barycenter=kwargs.get("barycenter", "mean"), device=dev,
-                         progress=_LazyProgress(), sink=sink, linear=linear, distances=False)
+                         progress=_LazyProgress(), sink=sink, linear=linear, distances=False,
+                         cache_bytes=cache)
     except MergeInputError as e:
         text = _relabel(str(e), names).replace("OT fusion: ", "")
         raise MergeInputError(f"OT fusion merge: {text}") from None

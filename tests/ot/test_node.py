@@ -35,6 +35,8 @@ def result(request):
 
 @pytest.mark.parametrize("kind", ["MODEL", "CLIP"])
 def test_permuted_copy_is_recovered(result, kind):
+    if kind not in result:
+        pytest.skip("the CLIP case runs in the snapshot host only (node_check.py --clip for current)")
     c = result[kind]
     assert c["permuted_moved_keys"] > 100 and c["permuted_set_keys"] == c["permuted_moved_keys"]
     assert c["permuted_ot_max_diff"] == 0.0
