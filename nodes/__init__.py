@@ -1,6 +1,7 @@
 """Node classes: inputs, validation, and one call into the engine. Registered in ../__init__.py."""
 from .robust import (BarycenterGeometricMedian, BarycenterGeometricMedianCLIP, BarycenterKarcherMean,
                      BarycenterKarcherMeanCLIP, BarycenterSignElectedMedian)
+from .ot_fusion import BarycenterOTFusion, BarycenterOTFusionCLIP
 from .report import BarycenterMergeReport
 from .weighted_mean import BarycenterWeightedMean, BarycenterWeightedMeanCLIP
 
@@ -12,6 +13,8 @@ _NODES = [
     (BarycenterKarcherMean, "Karcher Mean Merge"),
     (BarycenterKarcherMeanCLIP, "Karcher Mean Merge (CLIP)"),
     (BarycenterSignElectedMedian, "Sign-Elected Median Merge"),
+    (BarycenterOTFusion, "OT Fusion Merge"),
+    (BarycenterOTFusionCLIP, "OT Fusion Merge (CLIP)"),
     (BarycenterMergeReport, "Merge Report"),
 ]
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in _NODES}
