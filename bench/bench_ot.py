@@ -12,6 +12,13 @@ produce the output (gather, barycenter, cast to fp16), groups whose identity map
 without a cost matrix, identity fraction, peak RSS. SDXL weights are regenerated from per-key seeds
 on every read instead of held in RAM (two fp16 SDXL UNets are 10 GB); that generation time is
 measured and left out of the reported times.
+
+Measured on the dev machine (2-core CPU, torch 2.13 CPU, exact solver; other sessions shared it):
+  SD1.5 same-base   9.3 s (2 threads, idle; 88/88 groups certified identity), 14.5 s (1 thread, load ~5)
+  SD1.5 unrelated   170 s (2 threads, idle: align 94 s, output 76 s)
+  SDXL unrelated    881 s (1 thread, load 3-5: align 847 s, output 34 s; weight generation excluded)
+On a loaded 2-core machine one thread is much faster than two (two spinning OpenMP threads
+against other processes): use --threads 1 there.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ result is a clone of model_1 carrying:
   alignment check;
 - set-patches (strength_model 0) with the computed tensor on keys whose units were re-ordered
   (held on the CPU in model_1's dtype, as the pack's other tensor-valued merges do).
-Registered by the pack's nodes/__init__.py as "OT Fusion Merge" / "OT Fusion Merge (CLIP)".
+Node ids BarycenterOTFusion / BarycenterOTFusionCLIP (to be listed in nodes/__init__.py's _NODES,
+e.g. as "OT Fusion Merge" / "OT Fusion Merge (CLIP)").
 """
 from __future__ import annotations
 
