@@ -2,7 +2,6 @@
 classes (the harness's host, in-process, on the meta device) and random weights for them."""
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -48,18 +47,3 @@ def tiny_shapes(comfy_host):
         "sdxl": meta_shapes(SDXL_TINY),
         "clip": {"clip_l.transformer." + k: tuple(v.shape) for k, v in clip.state_dict().items()},
     }
-
-
-def random_state_dict(shapes: dict, seed: int, dtype=torch.float32) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, shp in shapes.items():
-        scale = 1.0 / math.sqrt(math.prod(shp[1:])) if len(shp) > 1 else 0.3
-        out[k] = (torch.randn(shp, generator=g) * scale).to(dtype)
-    return out
-
-
-def noisy(sd: dict, seed: int, rel: float) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + rel * v.std().nan_to_num(0.0) * torch.randn(v.shape, generator=g).to(v.dtype) if v.numel() > 1 else v
-            for k, v in sd.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_state_dict
+from ot_helpers import random_state_dict
 from kernels.errors import MergeInputError
 from kernels.ot import build_spec, ot_fuse
 

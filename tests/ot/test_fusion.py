@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import noisy, random_state_dict
+from ot_helpers import noisy, random_state_dict
 from kernels.combine import combine
 from kernels.ot import build_spec, ot_fuse, permute_state_dict
 
