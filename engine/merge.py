@@ -80,7 +80,7 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
     if not (-16.0 <= float(strength) <= 16.0) or strength != strength:
         raise MergeInputError(f"strength must be a finite number in [-16, 16]; got {strength}")
     keys = validate(sources, base)
-    keys, kept = _drop_unloaded(sources, base, keys)
+    keys, kept = drop_unloaded_keys(sources, base, keys)
     n = len(sources)
     w = parse_weights(weights, n)
     dev = host_api.compute_device(device)
@@ -109,7 +109,7 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
             coeffs, record = sol.coeffs, sol.record
             report["timing"] = {"read_s": t_read - t0, "solve_s": time.perf_counter() - t_read}
             report["distances"] = pairwise_distances(grams.sum(0)).tolist()
-        _add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength)
+        add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength)
         report["units"] = _unit_report(unit_names, coeffs, record)
     else:
         report["units"] = _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, dev)
@@ -124,7 +124,8 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
 UNLOADED_SUFFIXES = (".transformer.text_projection.weight",)
 
 
-def _drop_unloaded(sources, base, keys):
+def drop_unloaded_keys(sources, base, keys):
+    """(keys to merge, keys kept from model_1 because an input never loaded them)."""
     kept = []
     for key in [k for k in keys if k.endswith(UNLOADED_SUFFIXES)]:
         for s in sources + ([base] if base is not None else []):
@@ -168,7 +169,9 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     return torch.stack(grams)
 
 
-def _add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):
+def add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):
+    """Hand Σ a_i x_i (+ a_b base) to ComfyUI as patches on `merged` (a clone of input 1): coeffs
+    (U, N) per scope unit, unit_ids (K,) maps each key to its unit; task-vector mode with a base."""
     if base is not None:
         a, a_b = task_vector_coefficients(coeffs, strength)
         a = torch.cat([a, a_b[:, None]], dim=1)

@@ -20,7 +20,7 @@ import time
 import torch
 
 from ..engine import host_api
-from ..engine.merge import _add_linear_patches, _drop_unloaded, validate
+from ..engine.merge import add_linear_patches, drop_unloaded_keys, validate
 from ..kernels import MergeInputError
 from ..kernels.ot import BARYCENTERS, SOLVERS, ot_fuse
 from .common import MAX_INPUTS, MergeNode, collect, model_inputs
@@ -80,7 +80,7 @@ def run_ot(kind: str, kwargs: dict):
     t0 = time.perf_counter()
     try:
         keys = validate(sources, None)
-        keys, kept = _drop_unloaded(sources, None, keys)  # as the other merges: model_1's value stays
+        keys, kept = drop_unloaded_keys(sources, None, keys)  # as the other merges: model_1's value stays
         anchor_name = f"{label}_{int(kwargs.get('anchor', 1))}"
         if anchor_name not in names:
             raise MergeInputError(f"anchor {int(kwargs.get('anchor', 1))} is out of range: {anchor_name} is not "
@@ -118,7 +118,7 @@ def run_ot(kind: str, kwargs: dict):
         distinct: dict = {}
         ids = torch.tensor([distinct.setdefault(tuple(r), len(distinct)) for r in lin_rows], dtype=torch.long)
         coeffs = torch.tensor(list(distinct), dtype=torch.float64)
-        _add_linear_patches(merged, sources, None, lin_keys, coeffs, ids, 1.0)
+        add_linear_patches(merged, sources, None, lin_keys, coeffs, ids, 1.0)
     if set_patches:
         merged.add_patches(set_patches, 1.0, 0.0)
     host_api.release(dev)
