@@ -3,34 +3,18 @@ per host): recovery of a permuted copy given as effective weights, lazy patches 
 inputs, messages for bad input."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from test_spec_comfy import _current_dir
+from ot_helpers import run_in_host
 
 SCRIPT = Path(__file__).resolve().parent / "node_check.py"
 
 
 @pytest.fixture(scope="module", params=["snapshot", "current"])
 def result(request):
-    env = dict(os.environ)
-    if request.param == "snapshot":
-        env.pop("COMFYUI_DIR", None)
-    else:
-        cur = _current_dir()
-        if cur is None:
-            pytest.skip("no current ComfyUI tree (set COMFYUI_DIR)")
-        env["COMFYUI_DIR"] = cur
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["host"] == request.param
-    return res
+    return run_in_host(SCRIPT, request.param, timeout=900)
 
 
 @pytest.mark.parametrize("kind", ["MODEL", "CLIP"])

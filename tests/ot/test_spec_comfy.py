@@ -6,40 +6,17 @@ share one interpreter): the PyPI snapshot (a28a9dc, March 2024) and current Comf
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ot_helpers import run_in_host
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "comfy_equivariance.py"
-CURRENT_DEFAULT = Path("/work/comfy-current")
-
-
-def _current_dir() -> str | None:
-    env = os.environ.get("COMFYUI_DIR")
-    if env:
-        return env
-    return str(CURRENT_DEFAULT) if (CURRENT_DEFAULT / "main.py").is_file() else None
 
 
 def _run(kind: str) -> dict:
-    env = dict(os.environ)
-    if kind == "snapshot":
-        env.pop("COMFYUI_DIR", None)
-    else:
-        cur = _current_dir()
-        if cur is None:
-            pytest.skip("no current ComfyUI tree (set COMFYUI_DIR)")
-        env["COMFYUI_DIR"] = cur
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["host"] == kind
-    return res
+    return run_in_host(SCRIPT, kind, timeout=600)
 
 
 @pytest.fixture(scope="module", params=["snapshot", "current"])
