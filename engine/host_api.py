@@ -29,12 +29,14 @@ def calculate_weight(patcher, patches, weight: torch.Tensor, key: str) -> torch.
     return patcher.calculate_weight(patches, weight, key)
 
 
-def scale_patch(coeff: float, ref: torch.Tensor) -> tuple:
-    """A patch entry that multiplies the weight so far by `coeff` and adds nothing (its strength is
-    0, so `ref` is never read). Appended to an input's patch list it turns 'x_i' into 'coeff·x_i',
-    which lets one add_patches call per input carry a different coefficient for every key."""
-    head = (0.0, (ref,), float(coeff))
-    return head + (None, None) if _CALCULATE is not None else head
+def restrength_last_patch(patcher, key: str, strength_patch: float, strength_model: float) -> None:
+    """Give the patch add_patches just appended to `key` its own strengths. Index 0 (strength of
+    the patch) and 2 (factor on the weight so far) mean the same in the snapshot's 3-tuples and
+    current ComfyUI's 5-tuples, so one add_patches call per input can carry a coefficient per key
+    and ComfyUI applies it at load exactly as it applies ModelMergeSimple's ratio (no extra copy)."""
+    entries = patcher.patches[key]
+    last = entries[-1]
+    entries[-1] = (float(strength_patch), last[1], float(strength_model)) + tuple(last[3:])
 
 
 def compute_device(choice: str) -> torch.device:

@@ -180,25 +180,15 @@ def add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):
         a, inputs = coeffs, sources
     rows = a.tolist()  # one host sync for all coefficients
     unit_ids = unit_ids.tolist()
-    if len(rows) <= 8:
-        # Few distinct rows (weighted mean, block or model scope): plain strengths, as ModelMergeSimple.
-        by_unit: dict[int, list[str]] = {}
-        for key, u in zip(keys, unit_ids):
-            by_unit.setdefault(u, []).append(key)
-        for u, ks in by_unit.items():
-            row = rows[u]
-            merged.add_patches({k: inputs[1].patch_value(k) for k in ks}, row[1], row[0])
-            for i in range(2, len(inputs)):
-                merged.add_patches({k: inputs[i].patch_value(k) for k in ks}, row[i], 1.0)
-        return
     # A row per key: one add_patches call per input (current ComfyUI rebuilds a state dict per
-    # call), each key's coefficient folded into its value by a scaling patch. The first call zeroes
-    # model_1's own weight (strength_model 0) and adds back a_1 times its effective weight.
+    # call), then each key's new entry gets its own strength a_i. The first entry also zeroes the
+    # weight so far (strength_model 0) and model_1 is added back from its own entry: the snapshot
+    # can leave model_1's module patched in place, so the clone's starting weight is not trusted.
+    patcher = getattr(merged, "patcher", merged)  # CLIP holds its ModelPatcher
     for i, src in enumerate(inputs):
-        patches = {}
+        merged.add_patches({key: src.patch_value(key) for key in keys}, 1.0, 1.0)
         for key, u in zip(keys, unit_ids):
-            patches[key] = list(src.patch_value(key)) + [host_api.scale_patch(rows[u][i], src.stored(key))]
-        merged.add_patches(patches, 1.0, 0.0 if i == 0 else 1.0)
+            host_api.restrength_last_patch(patcher, key, rows[u][i], 0.0 if i == 0 else 1.0)
 
 
 def _unit_report(names, coeffs, record) -> list[dict]:
