@@ -21,18 +21,20 @@ import torch
 
 from .combine import same_tensors
 from .errors import MergeInputError
-from .gram import compute_dtype, default_chunk, scratch
+from .gram import compute_dtype, default_chunk, locate_nonfinite, scratch
 from .inputs import check_weights
 
 _HALF_TOL = 1e-12
 
 
 def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor | None = None, *,
-                   strength: float = 1.0, chunk_elems: int | None = None) -> torch.Tensor:
-    """Weighted coordinate-wise median of xs (fp32 result; fp64 for fp64 inputs), on xs[0].device."""
+                   strength: float = 1.0, chunk_elems: int | None = None, key: str = "tensor") -> torch.Tensor:
+    """Weighted coordinate-wise median of xs (fp32 result; fp64 for fp64 inputs), on xs[0].device.
+    NaN/Inf in an input is refused naming the key and the model (a median would hide it)."""
     n = len(xs)
     if n == 0:
         raise MergeInputError("element_median: no input tensors")
+    locate_nonfinite(xs, base, key)
     w = check_weights(weights if weights is not None else torch.ones(n), n)
     dev = xs[0].device
     cdt = compute_dtype(*xs, base)

@@ -107,41 +107,103 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
     flat = [x.reshape(-1) for x in xs]
     fb = base.reshape(-1) if base is not None else None
-    rows = n + (1 if base is not None else 0)
+
+    def products(exp2: int = 0) -> torch.Tensor:
+        return _pivot_products(flat, fb, n, chunk, cdt, dev, full, exp2)
+
+    beta = products()
+    if check:
+        beta = _checked(beta, xs, base, key, norms=full, redo=products)
+    t = pivot_map(n, device=dev)
+    g = t @ beta @ t.T
+    if full:  # ‖m‖^2 >= 0; rounding must not make it negative (the full=False marker)
+        g[0, 0] = g[0, 0].clamp_min(0.0)
+    else:
+        g[0, :] = 0.0
+        g[:, 0] = 0.0
+        g[0, 0] = -1.0
+    return g
+
+
+def _pivot_products(flat, fb, n: int, chunk: int, cdt, dev, full: bool, exp2: int = 0) -> torch.Tensor:
+    """The pivoted fp64 Gram beta of [b_0 .. b_{N-1}] (see the module docstring). exp2 != 0: the
+    rows are scaled by 2^-exp2 before any difference or product (exact) and beta by 4^exp2 after,
+    in fp64 (the rare path for inputs whose fp32 products would overflow or underflow)."""
+    numel = flat[0].numel()
+    rows = n + (1 if fb is not None else 0)
     buf = scratch("gram", (rows, chunk), cdt, dev)
     nchunks = -(-numel // chunk)
     dd = torch.zeros(nchunks, n - 1, n - 1, dtype=cdt, device=dev)
     r0 = torch.zeros(nchunks, n, dtype=cdt, device=dev)
-    need_row = full
     for j in range(nchunks):
         a = j * chunk
         e = min(numel, a + chunk)
         b = buf[:, : e - a]
         for i in range(n):
             b[i].copy_(flat[i][a:e])
+        if exp2:
+            scale_pow2_(b[:n], exp2)
         if n > 1:
             b[1:n].sub_(b[0])
             block_products(b[1:n], dd[j])
-        if need_row:
+        if full:
             if fb is not None:
-                b[0].sub_(b[n].copy_(fb[a:e]))
+                b[n].copy_(fb[a:e])
+                if exp2:
+                    scale_pow2_(b[n], exp2)
+                b[0].sub_(b[n])
             row_products(b[:n], r0[j])
     beta = torch.zeros(n, n, dtype=torch.float64, device=dev)
     if n > 1:
         beta[1:, 1:] = finish_products(dd)
-    if need_row:
+    if full:
         row = r0.to(torch.float64).sum(0)
         beta[0, :] = row
         beta[:, 0] = row
-    if check:
-        beta = _checked(beta, xs, base, key, norms=full)
-    t = pivot_map(n, device=dev)
-    g = t @ beta @ t.T
-    if not full:
-        g[0, :] = 0.0
-        g[:, 0] = 0.0
-        g[0, 0] = -1.0
-    return g
+    if exp2:
+        scale_pow2_(beta, -2 * exp2)
+    return beta
+
+
+# Inputs whose largest |value| lies in [2^-40, 2^40] keep fp32 products far from overflow (even
+# summed over a chunk) and their squares far above the subnormals; outside it (or when the
+# products overflowed) a key is recomputed with its rows scaled by a power of two. Checked in the
+# per-key host sync the kernel already makes, so the normal path does no extra work.
+SAFE_EXP2 = 40
+TINY_GRAM = 2.0 ** -60  # largest diagonal entry below this: fp32 products may have underflowed
+
+
+def scale_pow2_(t: torch.Tensor, exp2: int) -> torch.Tensor:
+    """t *= 2^-exp2 in place, in factors of at most 2^64 (each scalar a normal fp32): exact
+    while the results stay normal numbers."""
+    left = -exp2
+    while left:
+        step = max(-64, min(64, left))
+        t.mul_(2.0 ** step)
+        left -= step
+    return t
+
+
+def max_abs(x: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """max |x| as a float (chunked, in the compute dtype: fp8 has no abs kernel on some builds)."""
+    flat = x.reshape(-1)
+    cdt = compute_dtype(x)
+    m = 0.0
+    for a in range(0, flat.numel(), chunk):
+        m = max(m, float(flat[a:a + chunk].to(cdt).abs().max()))
+    return m
+
+
+def rescale_exponent(tensors, force: bool = False) -> int:
+    """0 when the tensors' largest |value| M is 0 or within [2^-SAFE_EXP2, 2^SAFE_EXP2] (unless
+    force), else e with M = m·2^e, m in [0.5, 1): scaling by 2^-e brings M into [0.5, 1)."""
+    m = max(max_abs(t) for t in tensors if t is not None)
+    if m == 0.0 or not math.isfinite(m):
+        return 0
+    e = math.frexp(m)[1]
+    if not force and abs(e) <= SAFE_EXP2:
+        return 0
+    return e
 
 
 def block_products(b: torch.Tensor, out: torch.Tensor) -> None:
@@ -189,25 +251,47 @@ def finish_products(parts: torch.Tensor) -> torch.Tensor:
     return (beta + beta.transpose(-1, -2)) / 2
 
 
-def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True) -> torch.Tensor:
+def _gram_flags(beta: torch.Tensor):
+    """(non-finite, squared norms sq, any point near 0, largest diagonal below TINY_GRAM): one sync."""
+    d = beta.diagonal()
+    # squared norms of p_i from the pivoted Gram: p_1 = b_0, p_i = b_0 + b_{i-1}
+    sq = torch.cat([d[:1], d[0] + 2 * beta[0, 1:] + d[1:]])
+    flags = torch.stack([~torch.isfinite(beta).all(), (sq <= 1e-4 * sq.max()).any() & (sq.max() > 0),
+                         d.abs().max() < TINY_GRAM])
+    bad, small, tiny = flags.tolist()
+    return bad, sq, small, tiny
+
+
+def locate_nonfinite(xs, base, key: str) -> None:
+    """Raise a MergeInputError naming the first input (or the base) holding NaN/Inf."""
+    from .inputs import nonfinite_kind
+
+    for name, x in [(model_name(i), x) for i, x in enumerate(xs)] + [("base_model", base)]:
+        if x is None:
+            continue
+        kind = nonfinite_kind(x)
+        if kind:
+            raise MergeInputError(f"key '{key}': {name} contains {kind} values")
+
+
+def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True, redo=None) -> torch.Tensor:
     from .inputs import nonfinite_kind
 
     n = beta.shape[0]
-    # squared norms of p_i from the pivoted Gram: p_1 = b_0, p_i = b_0 + b_{i-1}
-    d = beta.diagonal()
-    sq = torch.cat([d[:1], d[0] + 2 * beta[0, 1:] + d[1:]])
-    flags = torch.stack([~torch.isfinite(beta).all(), (sq <= 1e-4 * sq.max()).any() & (sq.max() > 0)])
-    bad, small = flags.tolist()  # the one host sync per key
+    bad, sq, small, tiny = _gram_flags(beta)  # the one host sync per key
     if not norms and base is not None and not bad:
         bad = nonfinite_kind(base) is not None  # the base cancels in the differences
     if bad:
-        for name, x in [(model_name(i), x) for i, x in enumerate(xs)] + [("base_model", base)]:
-            if x is None:
-                continue
-            kind = nonfinite_kind(x)
-            if kind:
-                raise MergeInputError(f"key '{key}': {name} contains {kind} values")
-        raise MergeInputError(f"key '{key}': the inputs overflow the compute precision (norms beyond ~1e19)")
+        locate_nonfinite(xs, base, key)
+    if (bad or tiny) and redo is not None:
+        # finite inputs whose fp32 products overflowed, or a Gram so small that they may have
+        # underflowed: recompute with the rows scaled by a power of two (exact), undone in fp64
+        e = rescale_exponent(list(xs) + [base if norms else None], force=bad)
+        if e:
+            beta = redo(e)
+            bad, sq, small, tiny = _gram_flags(beta)
+    if bad:
+        raise MergeInputError(f"key '{key}': the inputs overflow the compute precision")
     if norms and small and n > 1:
         zero = [i for i in range(1, n) if float(sq[i]) <= 1e-4 * float(sq.max()) and _is_zero_point(xs[i], base)]
         if zero:  # p_i = 0 exactly: b_{i-1} = -b_0, make its Gram rows exact

@@ -29,7 +29,8 @@ import torch
 from . import geometric_median as gm
 from .combine import same_tensors
 from .errors import MergeInputError
-from .gram import chunk_products, compute_dtype, default_chunk, finish_products, pivot_map, scratch
+from .gram import (TINY_GRAM, chunk_products, compute_dtype, default_chunk, finish_products, locate_nonfinite,
+                   pivot_map, rescale_exponent, scale_pow2_, scratch)
 from .inputs import check_params, check_weights
 
 DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
@@ -67,6 +68,7 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     dev = xs[0].device
     cdt = compute_dtype(*xs, base)
     if p == 0.0 and same_tensors(list(xs)):
+        locate_nonfinite(xs, base, key or "tensor")  # no Gram here to show a NaN
         x = xs[0].to(dtype=cdt, copy=True)
         out = x if lam == 1.0 else base.to(cdt) + lam * (x - base.to(cdt))
         return out, {"coefficients": w.tolist(), "identical": True, "iterations": 0, "converged": True}
@@ -101,13 +103,32 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
 
     nchunks = max(1, -(-numel // chunk))
     parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
-    for j, (a, e, t, _) in enumerate(chunks()):
-        kept += (t != 0).sum(1).to(torch.float64)
-        if n > 1:
-            t[1:].sub_(t[0])
-        chunk_products(t, parts[j])
+
+    def products(exp2: int = 0) -> torch.Tensor:
+        for j, (a, e, t, _) in enumerate(chunks()):
+            if not exp2:
+                kept.add_((t != 0).sum(1).to(torch.float64))
+            else:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
+                scale_pow2_(t, exp2)
+            if n > 1:
+                t[1:].sub_(t[0])
+            chunk_products(t, parts[j])
+        beta = finish_products(parts)
+        return scale_pow2_(beta, -2 * exp2) if exp2 else beta
+
+    beta = products()
+    bad, tiny = torch.stack([~torch.isfinite(beta).all(), beta.diagonal().abs().max() < TINY_GRAM]).tolist()
+    if bad:
+        locate_nonfinite(xs, base, key or "tensor")
+    if bad or tiny:  # fp32 products overflowed or may have underflowed: see gram.py
+        e = rescale_exponent(list(xs) + [base], force=bad)
+        if e:
+            beta = products(e)
+            bad = not bool(torch.isfinite(beta).all())
+    if bad:
+        raise MergeInputError(f"key '{key or 'tensor'}': the inputs overflow the compute precision")
     tm = pivot_map(n, device=dev)
-    gram = tm @ finish_products(parts) @ tm.T
+    gram = tm @ beta @ tm.T
     sol = gm.solve_geometric_median(gram[None], w, **prm)
     c = sol.coeffs[0]
     cc = (lam * c).to(device=dev, dtype=cdt)
