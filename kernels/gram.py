@@ -24,6 +24,12 @@ How it is computed (precision, then speed):
   gets an absolute error ~1e-7·max‖p‖^2 (fp32 data). Exact zeros (a task vector equal to 0
   because the model equals the base) are detected and made exact, so Karcher can exclude them.
 - NaN/Inf in an input shows up as a non-finite Gram; the input is then located and named.
+- Extreme magnitudes: fp32 products of inputs near 1e30 overflow, of inputs below ~1e-19 (fp32
+  subnormals included) underflow. The per-key host sync also flags a non-finite Gram from finite
+  inputs and a Gram whose diagonal is below 2^-60; only then is the key read once more for its
+  max |value| M and, when M lies outside [2^-40, 2^40], recomputed with every row scaled by the
+  power of two that brings M into [0.5, 1) (exact), the result scaled back in fp64. The normal
+  path does no extra work.
 """
 from __future__ import annotations
 
