@@ -12,9 +12,11 @@ fp32 compute, CPU. Every step is one pass over all keys; the steps run interleav
 and each reports its fastest round (median in brackets), so all ratios come from one run under
 the same machine load. Our steps, tensor scope (one batched solve over all keys):
   WA            weighted average, three implementations; the fastest is the baseline
-  GM            gram_matrix(full=False) per key + solve("geometric_median")  [+ combine to fp16]
+  GM            the engine's Gram pass (GramPass: gram_matrix(full=False) per large key, small
+                keys batched) + solve("geometric_median")  [+ combine to fp16]
+  GM per key    the same with gram_matrix called on every key (the pass before batching)
   GM full Gram  the same with the full augmented Gram (what Karcher needs)
-  Karcher       gram_matrix() per key + solve("karcher")  [+ combine to fp16]
+  Karcher       GramPass(full=True) + solve("karcher")  [+ combine to fp16]
   tol 1e-4/1e-10  GM Gram+solve with two tolerances (time must not depend on iterations)
 Peers (equal weights, on every --peer-stride-th key, fp16 and fp32 inputs, one run each):
 sd-mecha 1.1.8 geometric_median (in process) and mergekit 0.1.5 karcher_merge_tensors (in
@@ -81,8 +83,19 @@ def wa_naive(keys, w):
 
 
 # ---------------------------------------------------------------- ours
-def ours(keys, method, *, full, tol=None, combine=False):
-    grams = torch.stack([kernels.gram_matrix(xs, full=full) for xs in keys])
+def gram_pass(keys, full):
+    """The engine's Gram pass (engine/merge.py): GramPass, small keys batched."""
+    gp = kernels.GramPass(len(keys), full=full)
+    for j, xs in enumerate(keys):
+        gp.add(j, xs)
+    return gp.result()
+
+
+def ours(keys, method, *, full, tol=None, combine=False, per_key=False):
+    if per_key:
+        grams = torch.stack([kernels.gram_matrix(xs, full=full) for xs in keys])
+    else:
+        grams = gram_pass(keys, full)
     params = {} if tol is None else {"tol": tol}
     sol = kernels.solve(method, grams, None, **params)
     if combine:
@@ -184,6 +197,7 @@ def main(argv=None):
         ("WA: naive full-tensor fp32", lambda: wa_naive(keys, w)),
         ("GM: Gram + solve", lambda: ours(keys, "geometric_median", full=False)),
         ("GM: Gram + solve + combine", lambda: ours(keys, "geometric_median", full=False, combine=True)),
+        ("GM: Gram per key + solve", lambda: ours(keys, "geometric_median", full=False, per_key=True)),
         ("GM: full Gram + solve", lambda: ours(keys, "geometric_median", full=True)),
         ("Karcher: Gram + solve", lambda: ours(keys, "karcher", full=True)),
         ("Karcher: Gram + solve + combine", lambda: ours(keys, "karcher", full=True, combine=True)),
@@ -196,8 +210,8 @@ def main(argv=None):
     ref = min(times[best_wa_name])
 
     # solver-only numbers and iteration counts
-    g_gm = torch.stack([kernels.gram_matrix(xs, full=False) for xs in keys])
-    g_full = torch.stack([kernels.gram_matrix(xs) for xs in keys])
+    g_gm = gram_pass(keys, False)
+    g_full = gram_pass(keys, True)
     sol_info = {}
     for label, method, g, tol in (("GM tol 1e-4", "geometric_median", g_gm, 1e-4),
                                   ("GM tol 1e-10", "geometric_median", g_gm, 1e-10),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..kernels import (MergeInputError, block_of, gram_matrix, pairwise_distances, parse_weights, resolve,
+from ..kernels import (GramPass, MergeInputError, block_of, pairwise_distances, parse_weights, resolve,
                        scope_units, solve, task_vector_coefficients)
 from . import host_api
 from .sources import Source
@@ -160,13 +160,13 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     largest = max(sources[0].stored(k).numel() for k in keys)
     host_api.make_room(dev, 4 * largest * (len(sources) + 2) * 2)
     progress = host_api.Progress(len(keys))
-    grams = []
+    grams = GramPass(len(keys), full=full)
     with host_api.cpu_threads(1 if dev.type == "cpu" else None):
         for j, key in enumerate(keys):
             xs, b = _read_all(sources, base, key, dev)
-            grams.append(gram_matrix(xs, b, key=key, full=full))
+            grams.add(j, xs, b, key)
             progress(j + 1)
-    return torch.stack(grams)
+        return grams.result()
 
 
 def add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):
