@@ -6,8 +6,17 @@ CLIP-less tiny checkpoints (harness/checkpoints.py) can sample without a text en
 - sd15: [1, 77, 768]
 - sdxl: [1, 77, 2048] with pooled_output [1, 1280] and the size keys SDXL's encode_adm reads
   (width, height, crop_w, crop_h, target_width, target_height).
+BarycenterTestHashModel / BarycenterTestHashCLIP: output nodes that put a digest of an IN-MEMORY
+MODEL / CLIP into /history (outputs[node]["text"], JSON): sha256 of the stored state dict (names,
+dtypes, shapes, bytes), a digest of the pending patches (keys and count per key), the module's id()
+(to show two prompts saw the same cached object) and the weight dtypes. Used to prove that a merge,
+even a failing one, leaves its inputs as they were (tests/host/test_bad_input_catalogue.py).
 Works in the March-2024 snapshot and in current ComfyUI.
 """
+import base64
+import hashlib
+import json
+
 import torch
 
 _CONTEXT = {"sd15": 768, "sdxl": 2048}
@@ -62,7 +71,73 @@ class BarycenterTestCaptureText:
         return {"ui": {"text": [text]}}
 
 
+def state_digest(module, patches: dict, values_of: str = "") -> dict:
+    """Digest of a model as stored: weights (not patched in) and pending patches. values_of:
+    comma-separated state-dict keys whose values come back too (fp32 bytes, base64)."""
+    import comfy.model_management as mm
+
+    # A model loaded for sampling has its patches written into its weights (backup kept): unload
+    # everything first, so the digest is of the stored weights whatever ran before.
+    mm.unload_all_models()
+    sd = module.state_dict()
+    weights = hashlib.sha256()
+    dtypes = set()
+    for name in sorted(sd):
+        t = sd[name].detach()
+        weights.update(f"{name}|{t.dtype}|{list(t.shape)};".encode())
+        weights.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # no bytes copy
+        if t.is_floating_point():
+            dtypes.add(str(t.dtype).replace("torch.", ""))
+    counts = sorted((k, len(v)) for k, v in patches.items())
+    values = {k: base64.b64encode(sd[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).decode()
+              for k in (x.strip() for x in values_of.split(",")) if k}
+    return {"values": values, "weights": weights.hexdigest(),
+            "patches": hashlib.sha256(json.dumps(counts).encode()).hexdigest(),
+            "patch_count": sum(n for _, n in counts), "patched_keys": len(counts),
+            "keys": len(sd), "object": id(module), "dtypes": sorted(dtypes)}
+
+
+class BarycenterTestHashModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}, "optional": {"values_of": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "digest"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing/barycenter"
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # never served from the cache: each prompt digests the model anew
+
+    def digest(self, model, values_of=""):
+        return {"ui": {"text": [json.dumps(state_digest(model.model, model.patches, values_of))]}}
+
+
+class BarycenterTestHashCLIP:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "digest"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing/barycenter"
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # never served from the cache: each prompt digests the model anew
+
+    def digest(self, clip):
+        return {"ui": {"text": [json.dumps(state_digest(clip.patcher.model, clip.patcher.patches))]}}
+
+
 NODE_CLASS_MAPPINGS = {"BarycenterTestZeroConditioning": BarycenterTestZeroConditioning,
-                       "BarycenterTestCaptureText": BarycenterTestCaptureText}
+                       "BarycenterTestCaptureText": BarycenterTestCaptureText,
+                       "BarycenterTestHashModel": BarycenterTestHashModel,
+                       "BarycenterTestHashCLIP": BarycenterTestHashCLIP}
 NODE_DISPLAY_NAME_MAPPINGS = {"BarycenterTestZeroConditioning": "Zero Conditioning (Barycenter test)",
-                              "BarycenterTestCaptureText": "Capture Text (Barycenter test)"}
+                              "BarycenterTestCaptureText": "Capture Text (Barycenter test)",
+                              "BarycenterTestHashModel": "Hash Model (Barycenter test)",
+                              "BarycenterTestHashCLIP": "Hash CLIP (Barycenter test)"}
