@@ -118,10 +118,24 @@ def parse_weights(weights: Sequence[float] | torch.Tensor | str | None, n: int) 
             raise MergeInputError(f"weight of {model_name(i)} is {v}; weights must be finite numbers")
         if v < 0:
             raise MergeInputError(f"weight of {model_name(i)} is {v}; weights must be >= 0")
-    total = math.fsum(vals)
+    vals, total = _sum_without_overflow(vals)
     if total <= 0:
         raise MergeInputError("all weights are zero; at least one model needs a positive weight")
     return torch.tensor(vals, dtype=torch.float64) / total
+
+
+def _sum_without_overflow(vals: list[float]) -> tuple[list[float], float]:
+    """(vals, their sum); finite weights whose sum overflows (1e308, 1e308) are first divided by the
+    largest: math.fsum raises OverflowError there, which reached users as a bare traceback."""
+    try:
+        total = math.fsum(vals)
+    except OverflowError:
+        total = math.inf
+    if math.isinf(total):
+        top = max(vals)
+        vals = [v / top for v in vals]
+        total = math.fsum(vals)
+    return vals, total
 
 
 def check_weights(weights: torch.Tensor, n: int) -> torch.Tensor:
@@ -135,10 +149,10 @@ def check_weights(weights: torch.Tensor, n: int) -> torch.Tensor:
     for i, v in enumerate(vals):
         if not math.isfinite(v) or v < 0:
             raise MergeInputError(f"weight of {model_name(i)} is {v}; weights must be finite and >= 0")
-    total = math.fsum(vals)
+    vals, total = _sum_without_overflow(vals)
     if total <= 0:
         raise MergeInputError("all weights are zero; at least one model needs a positive weight")
-    return w / total
+    return torch.tensor(vals, dtype=torch.float64, device=w.device) / total
 
 
 def check_params(method: str, params: dict) -> dict:
