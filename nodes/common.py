@@ -59,6 +59,13 @@ def collect(kind: str, kwargs: dict):
     """The connected inputs in order (gaps allowed), plus the base, as engine sources."""
     label = "model" if kind == "MODEL" else "clip"
     make = model_source if kind == "MODEL" else clip_source
+    # ComfyUI passes linked inputs the node does not declare (an API prompt with model_13): without
+    # this check the 13th model was silently left out of the merge.
+    beyond = sorted((int(m.group(1)) for k, v in kwargs.items() if v is not None
+                     for m in [re.fullmatch(rf"{label}_(\d+)", k)] if m and int(m.group(1)) > MAX_INPUTS))
+    if beyond:
+        raise MergeInputError(f"{label}_{beyond[0]} is connected, but a merge node takes at most {MAX_INPUTS} inputs "
+                              f"({label}_1 to {label}_{MAX_INPUTS}); merge the rest in a second node")
     sources = []
     for i in range(1, MAX_INPUTS + 1):
         value = kwargs.get(f"{label}_{i}")
@@ -82,5 +89,8 @@ def run_merge(kind: str, method: str, kwargs: dict, *, scope: str = "tensor", pa
         names = [s.name for s in sources]
         text = re.sub(r"\bmodel_(\d+)\b",
                       lambda m: names[int(m.group(1)) - 1] if int(m.group(1)) <= len(names) else m.group(0), str(e))
+        # solver messages use the kernels' parameter names: say them as the node's inputs are named
+        text = text.removeprefix(f"{method}: ")
+        text = re.sub(r"\btol\b", "tolerance", re.sub(r"\bmax_iter\b", "max_iterations", text))
         raise MergeInputError(f"{method.replace('_', ' ')} merge: {text}") from None
     return result.merged, result.report_json()
