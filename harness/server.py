@@ -22,13 +22,14 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, run_dir: Path, checkpoint_dirs=(), lora_dirs=(), host: Host | None = None,
-                 extra_args=(), require_nodes=("BarycenterWeightedMean",)):
+                 extra_args=(), require_nodes=("BarycenterWeightedMean",), env: dict | None = None):
         self.host = host or ensure_host()
         self.run_dir = Path(run_dir)
         self.checkpoint_dirs = [Path(d) for d in checkpoint_dirs]
         self.lora_dirs = [Path(d) for d in lora_dirs]
         self.extra_args = list(extra_args)
         self.require_nodes = list(require_nodes)
+        self.extra_env = dict(env or {})  # extra environment variables for the server process
         self.port = None
         self.proc = None
         self.log_path = self.run_dir / "server.log"
@@ -57,6 +58,7 @@ class ComfyServer:
                      "--database-url", f"sqlite:///{self.run_dir / 'user' / 'comfyui.db'}"]
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    DO_NOT_TRACK="1")
+        env.update(self.extra_env)
         self._log = open(self.log_path, "ab")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(args + self.extra_args, cwd=self.host.tree, stdout=self._log,
