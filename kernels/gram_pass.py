@@ -79,9 +79,12 @@ def _batch_grams(groups, bases, full: bool):
     first = 0 if full else 1
     r = torch.arange(first, n)
     ii, jj = torch.triu_indices(len(r), len(r))
-    prods = (b[r[ii]] * b[r[jj]]).to(torch.float64)  # (P, total)
     ids = torch.repeat_interleave(torch.arange(k), torch.tensor(lengths))
-    sums = torch.zeros(len(ii), k, dtype=torch.float64).index_add_(1, ids, prods)
+    sums = torch.zeros(len(ii), k, dtype=torch.float64)
+    prod = torch.empty(total, dtype=torch.float32)
+    for p, (u, v) in enumerate(zip(r[ii].tolist(), r[jj].tolist())):  # a pair at a time: O(1) rows of memory
+        torch.mul(b[u], b[v], out=prod)
+        sums[p].index_add_(0, ids, prod.to(torch.float64))
     beta = torch.zeros(k, n, n, dtype=torch.float64)
     beta[:, r[ii], r[jj]] = sums.T
     beta[:, r[jj], r[ii]] = sums.T
