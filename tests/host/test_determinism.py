@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from harness.checkpoints import checkpoint
 from harness.graphs import Graph, load_checkpoint, merge_node
 from tests.host.helpers import ckpt
 
@@ -96,7 +96,7 @@ def test_same_prompt_twice_gives_identical_weights_and_report(comfy, server):
             assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), \
                 f"{name}: {k} differs between two runs of the same prompt"
         # the merge really did something (not model_1 saved twice)
-        m1 = load_file(str(_input_file(server, 1)))
+        m1 = load_file(str(checkpoint(seed=1, **FAMILY)))
         assert any(not torch.equal(a[k], m1[k]) for k in merged_keys), name
 
         # the report is identical but for its wall-clock timings
@@ -106,8 +106,3 @@ def test_same_prompt_twice_gives_identical_weights_and_report(comfy, server):
         assert r1.pop("timing") and r2.pop("timing")
         assert json.dumps(r1, sort_keys=True) == json.dumps(r2, sort_keys=True), name
 
-
-def _input_file(server, seed) -> Path:
-    from harness.checkpoints import checkpoint
-
-    return checkpoint(seed=seed, **FAMILY)
