@@ -15,8 +15,10 @@ a^T G a with a = [Σ b_i, b_1..b_N]; no full-size tensor is touched while iterat
   ties) and flag `degenerate_start`.
 - Iterate (Riemannian gradient descent with unit step, as mergekit): tangent
   T = Σ ᾱ_i θ_i/sin θ_i (u_i - cos θ_i y); y+ = cos‖T‖ y + sin‖T‖ T/‖T‖, renormalised. An input
-  within sin θ < 1e-6 of antipodal to y has no defined log map and contributes nothing
-  (guard at θ≈π; flagged `antipodal`). Stop when ‖T‖ <= tol (radians), per unit; converged
+  within sin θ < 1e-2 of antipodal to y contributes nothing (flagged `antipodal`): exactly
+  antipodal it has no log map, and near it the fp32 Gram resolves θ only to ~3e-4 rad, which
+  θ/sin θ would amplify into a step of any size (a merged tensor several times longer than every
+  input; found by tests/kernels/test_kernels_fuzz.py). Stop when ‖T‖ <= tol (radians), per unit; converged
   units are frozen; on CUDA max_iter batched steps without host syncs (on CPU the loop stops
   early once every unit has converged, checked every 8 steps; same result).
 - Identical inputs (d-block exactly 0), or all weight on one model: coefficient 1 on the first
@@ -39,7 +41,7 @@ from .gram import quad
 from .solution import Solution, identical_units, may_stop, one_hot_first, prepare, small_op_threads
 
 DEFAULTS = {"tol": 1e-10, "max_iter": 100, "eps": 1e-6}
-_ANTIPODAL_SIN = 1e-6
+_ANTIPODAL_SIN = 1e-2  # see the docstring: the Gram's angle resolution near π
 _DEGENERATE_MEAN = 1e-3  # ‖Σ ᾱ_i u_i‖ below this: direction lost in rounding (fp32 Grams)
 
 

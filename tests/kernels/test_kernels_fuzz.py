@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from kernels import (MergeInputError, combine, element_median, gram_matrix, sign_elected_median, solve,
                      task_vector_coefficients)
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # magnitudes each dtype holds as finite numbers (fp32 and bf16 share the exponent range)
 MAGNITUDES = {"fp32": [1e-40, 1e-30, 1e-3, 1.0, 1e30], "bf16": [1e-40, 1e-30, 1e-3, 1.0, 1e30],
@@ -102,7 +102,10 @@ def test_geometric_median_finite_in_box_and_optimal(cloud, chunk):
         def objective(p):
             return float((w * (pts / m - p / m).norm(dim=1)).sum())
         best = min([objective(p) for p in pts] + [objective((w[:, None] * pts).sum(0))])
-        assert objective(y.double()) <= best * (1 + 1e-6) + 1e-6 * math.sqrt(pts.shape[1]), what
+        # the fp32 Gram resolves distances to ~sqrt(1e-7)·diameter: two points much closer to
+        # each other than to the pivot (model_1) are told apart only to that (gram.py)
+        diam = float(torch.cdist(pts / m, pts / m).max())
+        assert objective(y.double()) <= best * (1 + 1e-6) + 5e-4 * diam + 1e-6 * math.sqrt(pts.shape[1]), what
 
 
 @FUZZ
