@@ -266,3 +266,23 @@ def test_overflowing_fp32_products_are_solved_not_refused():
             assert torch.equal(b, a * 4.0 ** k) if full else torch.equal(b[1:, 1:], a[1:, 1:] * 4.0 ** k)
         tv = task_vector_coefficients(solve("karcher", gram_matrix(list(xk[1:]), xk[0])[None], None).coeffs, 1.0)
         assert all(bool(torch.isfinite(t).all()) for t in tv)
+
+
+@FUZZ
+@given(clouds(), clouds(), st.booleans())
+def test_batched_gram_pass_equals_gram_matrix(a, b, full):
+    """GramPass (small keys batched on CPU, the engine's path) flags the same extreme keys and
+    hands them to gram_matrix: the same Grams, finite, whatever the magnitudes."""
+    from kernels import GramPass
+
+    n = min(len(a[0]), len(b[0]))
+    keys = [list(a[0][:n]), list(b[0][:n])]
+    gp = GramPass(len(keys), full=full)
+    for j, xs in enumerate(keys):
+        gp.add(j, xs, None, key=f"k{j}")
+    got = gp.result()
+    for j, xs in enumerate(keys):
+        want = gram_matrix(xs, key=f"k{j}", full=full)
+        assert bool(torch.isfinite(got[j]).all()), (a[2], b[2])
+        scale = float(want.abs().max()) + 1e-300
+        assert float((got[j] - want).abs().max()) <= 1e-6 * scale, (j, a[2], b[2], got[j], want)
