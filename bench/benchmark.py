@@ -232,7 +232,8 @@ def memory_section(table, configs):
                               capture_output=True, text=True)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not found:
-            table.add("memory", name, None, note=f"failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}")
+            last = (proc.stderr.strip().splitlines() or [""])[-1][-200:].replace("|", "/")
+            table.add("memory", name, None, note=f"failed (rc {proc.returncode}): {last}")
             continue
         r = json.loads(found[-1][len("RESULT "):])
         section = f"memory, {r['models']}× {r['arch'].upper()} UNet ({r['inputs'] / GiB:.1f} GiB of inputs)"
@@ -253,13 +254,14 @@ def main(argv=None) -> int:
     desc = machine()
     t0 = time.perf_counter()
     table = Table()
+    # first, while this process holds nothing: 3 SDXL UNets need ~15 of this machine's 24 GiB
+    memory_section(table, ["sd15x8"] if args.quick else ["sdxl3", "sd15x8"])
     data = kernel_section(table, 0.25 if args.quick else 1.0, args.rounds)
     if torch.cuda.is_available():
         kernel_section(table, 0.25 if args.quick else 1.0, args.rounds, device="cuda")
     gc.collect()
     peer_section(table, args.rounds)
     host_sections(table, ["sd15"] if args.quick else ["sd15", "sd15_full"], args.rounds)
-    memory_section(table, ["sd15x8"] if args.quick else ["sdxl3", "sd15x8"])
     command = ".venv/bin/python -m bench.benchmark" + (" --quick" if args.quick else "")
     text = "\n".join([
         f"Measured {started} on {desc}; {time.perf_counter() - t0:.0f} s in all.",
