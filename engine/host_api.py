@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -56,11 +57,21 @@ def release(device: torch.device) -> None:
         mm.soft_empty_cache()
 
 
+def cpu_workers(cap: int = 8) -> int:
+    """Threads for the CPU Gram pass: the cores this process may run on, at most `cap`."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(cap, n))
+
+
 @contextlib.contextmanager
 def cpu_threads(n: int | None):
     """Run a block with `n` intra-op threads. The CPU Gram pass works on cache-sized chunks: with
     several threads each chunk pays a fork/join, and on a busy machine (a ComfyUI server, other
-    jobs) spinning workers made it 10-25x slower than one thread (bench/bench_host.py)."""
+    jobs) spinning workers made it 10-25x slower than one thread (bench/bench_host.py). The pass
+    runs its keys on cpu_workers() Python threads instead (kernels/gram_pass.py)."""
     if n is None:
         yield
         return

@@ -160,13 +160,16 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     largest = max(sources[0].stored(k).numel() for k in keys)
     host_api.make_room(dev, 4 * largest * (len(sources) + 2) * 2)
     progress = host_api.Progress(len(keys))
-    grams = GramPass(len(keys), full=full)
+    grams = GramPass(len(keys), full=full, workers=host_api.cpu_workers() if dev.type == "cpu" else 1)
     with host_api.cpu_threads(1 if dev.type == "cpu" else None):
-        for j, key in enumerate(keys):
-            xs, b = _read_all(sources, base, key, dev)
-            grams.add(j, xs, b, key)
-            progress(j + 1)
-        return grams.result()
+        try:
+            for j, key in enumerate(keys):
+                xs, b = _read_all(sources, base, key, dev)
+                grams.add(j, xs, b, key)
+                progress(j + 1)  # may raise: ComfyUI's Cancel
+            return grams.result()
+        finally:
+            grams.close()
 
 
 def add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):

@@ -18,6 +18,9 @@ index_add there is not deterministic).
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from .gram import CPU_CHUNK, TINY_GRAM, gram_matrix, pivot_map
@@ -27,13 +30,24 @@ _BATCHABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class GramPass:
-    """Collects per-key Grams in key order: add(j, xs, base, key) for each key, then result()."""
+    """Collects per-key Grams in key order: add(j, xs, base, key) for each key, then result().
 
-    def __init__(self, n_keys: int, *, full: bool = True):
+    workers > 1 (CPU): each work item (a large key, or a batch of small ones) is computed on one
+    of `workers` threads, each torch op single-threaded (the caller sets torch's intra-op threads
+    to 1). Items and their arithmetic do not depend on the thread, so the Grams are bit-identical
+    to workers=1, and so is the first error raised (items are waited for in the order made).
+    Python threads instead of OpenMP: a busy core slows one item down instead of stalling every op
+    at a barrier. At most 2·workers items are in flight (the inputs they read stay referenced until
+    done). close() (or result()) ends the threads."""
+
+    def __init__(self, n_keys: int, *, full: bool = True, workers: int = 1):
         self.full = full
         self.grams: list[torch.Tensor | None] = [None] * n_keys
         self._pending: list[tuple[int, list, torch.Tensor | None, str]] = []
         self._pending_elems = 0
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="gram") if workers > 1 else None
+        self._inflight: deque = deque()
+        self._limit = 2 * workers
 
     def add(self, j: int, xs, base=None, key: str = "tensor") -> None:
         x0 = xs[0]
@@ -46,19 +60,43 @@ class GramPass:
             if self._pending_elems >= CPU_CHUNK:
                 self.flush()
         else:
-            self.grams[j] = gram_matrix(xs, base, key=key, full=self.full)
+            self._run(self._one_key, [(j, list(xs), base, key)])
 
     def flush(self) -> None:
-        if not self._pending:
+        if self._pending:
+            items, self._pending, self._pending_elems = self._pending, [], 0
+            self._run(self._batch, items)
+
+    def result(self) -> torch.Tensor:
+        try:
+            self.flush()
+            while self._inflight:
+                self._inflight.popleft().result()
+            return torch.stack(self.grams)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _run(self, fn, items) -> None:
+        if self._pool is None:
+            fn(items)
             return
-        items, self._pending, self._pending_elems = self._pending, [], 0
+        while len(self._inflight) >= self._limit:
+            self._inflight.popleft().result()  # oldest first: errors in key order
+        self._inflight.append(self._pool.submit(fn, items))
+
+    def _one_key(self, items) -> None:
+        (j, xs, base, key), = items
+        self.grams[j] = gram_matrix(xs, base, key=key, full=self.full)
+
+    def _batch(self, items) -> None:
         grams, redo = _batch_grams([it[1] for it in items], [it[2] for it in items], self.full)
         for (j, xs, base, key), g, again in zip(items, grams, redo):
             self.grams[j] = gram_matrix(xs, base, key=key, full=self.full) if again else g
-
-    def result(self) -> torch.Tensor:
-        self.flush()
-        return torch.stack(self.grams)
 
 
 def _batch_grams(groups, bases, full: bool):

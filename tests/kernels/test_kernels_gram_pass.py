@@ -21,8 +21,8 @@ def _keys(n_models, dtype, seed=0, base=False):
     return keys
 
 
-def _pass(keys, full):
-    gp = GramPass(len(keys), full=full)
+def _pass(keys, full, workers=1):
+    gp = GramPass(len(keys), full=full, workers=workers)
     for j, (xs, b) in enumerate(keys):
         gp.add(j, xs, b, f"k{j}")
     return gp.result()
@@ -81,3 +81,28 @@ def test_nonfinite_small_key_named(full, where):
     keys[3] = (xs, b)
     with pytest.raises(MergeInputError, match=f"k3.*{needle}|{needle}.*k3"):
         _pass(keys, full)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_threads_give_bit_identical_grams(full):
+    keys = _keys(3, torch.float16, seed=7, base=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(_pass(keys, full, workers=3), _pass(keys, full, workers=1))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_threads_raise_the_same_error_as_one_thread():
+    keys = _keys(3, torch.float32)
+    for j in (2, 9):  # a small key (batched, done at the flush) and a large one (done at once)
+        xs, b = keys[j]
+        xs[2] = xs[2].clone()
+        xs[2].view(-1)[0] = float("inf")
+    messages = []
+    for workers in (1, 4):
+        with pytest.raises(MergeInputError, match="model_3 contains Inf") as e:
+            _pass(keys, True, workers=workers)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
