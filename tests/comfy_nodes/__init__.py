@@ -97,40 +97,39 @@ def state_digest(module, patches: dict, values_of: str = "") -> dict:
             "keys": len(sd), "object": id(module), "dtypes": sorted(dtypes)}
 
 
-class BarycenterTestHashModel:
+class _DigestNode:
+    """Output node putting a digest of an in-memory MODEL/CLIP into /history (outputs[node]["text"])."""
+
+    RETURN_TYPES = ()
+    FUNCTION = "digest"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing/barycenter"
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # never served from the cache: each prompt digests the model anew
+
+    @staticmethod
+    def _ui(module, patches, values_of=""):
+        return {"ui": {"text": [json.dumps(state_digest(module, patches, values_of))]}}
+
+
+class BarycenterTestHashModel(_DigestNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",)}, "optional": {"values_of": ("STRING", {"default": ""})}}
 
-    RETURN_TYPES = ()
-    FUNCTION = "digest"
-    OUTPUT_NODE = True
-    CATEGORY = "_for_testing/barycenter"
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")  # never served from the cache: each prompt digests the model anew
-
     def digest(self, model, values_of=""):
-        return {"ui": {"text": [json.dumps(state_digest(model.model, model.patches, values_of))]}}
+        return self._ui(model.model, model.patches, values_of)
 
 
-class BarycenterTestHashCLIP:
+class BarycenterTestHashCLIP(_DigestNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"clip": ("CLIP",)}}
 
-    RETURN_TYPES = ()
-    FUNCTION = "digest"
-    OUTPUT_NODE = True
-    CATEGORY = "_for_testing/barycenter"
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")  # never served from the cache: each prompt digests the model anew
-
     def digest(self, clip):
-        return {"ui": {"text": [json.dumps(state_digest(clip.patcher.model, clip.patcher.patches))]}}
+        return self._ui(clip.patcher.model, clip.patcher.patches)
 
 
 NODE_CLASS_MAPPINGS = {"BarycenterTestZeroConditioning": BarycenterTestZeroConditioning,
