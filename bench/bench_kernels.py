@@ -74,6 +74,26 @@ def wa_combine(keys, w):
         kernels.combine(xs, w, dtype=xs[0].dtype)
 
 
+_WA_COMPILED = {}
+
+
+def wa_fused(keys, w):
+    """Weighted average as one torch.compile'd loop per key (the fused kernels' counterpart)."""
+    fn = _WA_COMPILED.get(len(w))
+    if fn is None:
+        coeffs = tuple(w)
+
+        def weighted(*xs):
+            acc = xs[0].float() * coeffs[0]
+            for c, x in zip(coeffs[1:], xs[1:]):
+                acc = acc + x.float() * c
+            return acc.to(xs[0].dtype)
+
+        fn = _WA_COMPILED[len(w)] = torch.compile(weighted, dynamic=True)
+    for xs in keys:
+        fn(*[x.view(-1) for x in xs])
+
+
 def wa_naive(keys, w):
     for xs in keys:
         acc = xs[0].float() * w[0]
@@ -89,6 +109,28 @@ def gram_pass(keys, full):
     for j, xs in enumerate(keys):
         gp.add(j, xs)
     return gp.result()
+
+
+def with_kernels(mode, fn):
+    """fn run with BARYCENTER_CPU_KERNELS=mode (the fused Gram kernels are opt-in)."""
+    def run():
+        old = os.environ.get(kernels.fused.ENV)
+        os.environ[kernels.fused.ENV] = mode
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(kernels.fused.ENV)
+            else:
+                os.environ[kernels.fused.ENV] = old
+    return run
+
+
+def fused_available(keys) -> str | None:
+    """None when the fused kernels compile here (compiling them now, outside the timed rounds),
+    else the reason."""
+    with_kernels("fused", lambda: kernels.gram_matrix(keys[max(range(len(keys)), key=lambda j: keys[j][0].numel())]))()
+    return kernels.fused.failure()
 
 
 def ours(keys, method, *, full, tol=None, combine=False, per_key=False):
@@ -204,6 +246,20 @@ def main(argv=None):
         ("GM: Gram + solve, tol 1e-4", lambda: ours(keys, "geometric_median", full=False, tol=1e-4)),
         ("GM: Gram + solve, tol 1e-10", lambda: ours(keys, "geometric_median", full=False, tol=1e-10)),
     ]
+    fused_why = fused_available(keys)
+    if fused_why is None:
+        wa_fused(keys[:1], w)  # compile outside the rounds
+        steps[3:3] = [("WA: fused (torch.compile)", lambda: wa_fused(keys, w))]
+        steps += [
+            ("GM fused: Gram + solve", with_kernels("fused", lambda: ours(keys, "geometric_median", full=False))),
+            ("GM fused: Gram + solve + combine",
+             with_kernels("fused", lambda: ours(keys, "geometric_median", full=False, combine=True))),
+            ("Karcher fused: Gram + solve", with_kernels("fused", lambda: ours(keys, "karcher", full=True))),
+            ("Karcher fused: Gram + solve + combine",
+             with_kernels("fused", lambda: ours(keys, "karcher", full=True, combine=True))),
+        ]
+    else:
+        print(f"fused kernels unavailable: {fused_why}", file=sys.stderr)
     times = run_rounds(steps, args.rounds, once=("WA: naive full-tensor fp32",))
     wa_names = [s for s, _ in steps if s.startswith("WA")]
     best_wa_name = min(wa_names, key=lambda s: min(times[s]))

@@ -5,7 +5,8 @@
 Sections (rows of the one table):
 - kernels: 3 fine-tune-like SD1.5 UNets at real key shapes (bench/_shapes.py), fp16 storage, fp32
   compute, CPU, one thread (see bench_kernels.py on why). The floor is the fastest weighted-average
-  pass the project can write over the same tensors (result in fp16). Every method runs per scope:
+  pass the project can write over the same tensors (result in fp16), torch.compile'd when the
+  fused kernels compile here; the "fused kernels" rows are the opt-in BARYCENTER_CPU_KERNELS=fused. Every method runs per scope:
   the Gram pass + solve is what a merge node does (a linear result goes to ComfyUI as patches);
   "+ combine" also writes the merged fp16 tensors. Element and sign-elected medians are tensor
   methods (they always write the tensors). Peak RAM = extra RSS while the step runs.
@@ -173,6 +174,15 @@ def kernel_section(table, fraction, rounds, device="cpu"):
         steps.append((f"{label} tensor: + combine (fp16 out)", linear(method, "tensor", True)))
     steps += [("element median (GM element scope)", element), ("sign-elected median (base, drop 0)", sign_elected)]
     with torch_threads(1 if dev.type == "cpu" else None):
+        fused_why = bench_kernels.fused_available(keys) if dev.type == "cpu" else "CPU only"
+        if fused_why is None:  # opt-in fused kernels (BARYCENTER_CPU_KERNELS=fused), compiled here first
+            bench_kernels.wa_fused(keys[:1], w)
+            steps.insert(2, ("weighted average, fused (torch.compile)", lambda: bench_kernels.wa_fused(keys, w)))
+            for method, label in (("geometric_median", "GM"), ("karcher", "Karcher")):
+                steps.append((f"{label} tensor, fused kernels: Gram pass + solve",
+                              bench_kernels.with_kernels("fused", linear(method, "tensor", False))))
+        elif dev.type == "cpu":
+            table.add(section, "fused kernels", None, None, None, "", f"unavailable: {fused_why}")
         results = {name: measured(fn, rounds if "element" not in name and "sign" not in name else 1)
                    for name, fn in steps}
         floor = min(results[n][0] for n, _ in steps if n.startswith("weighted"))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..kernels import fused as fused_kernels
 from ..kernels import (GramPass, MergeInputError, block_of, pairwise_distances, parse_weights, resolve,
                        scope_units, solve, task_vector_coefficients)
 from . import host_api
@@ -108,6 +109,8 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
             sol = solve(method, unit_grams, w.to(unit_grams.device), **params)
             coeffs, record = sol.coeffs, sol.record
             report["timing"] = {"read_s": t_read - t0, "solve_s": time.perf_counter() - t_read}
+            if dev.type == "cpu":
+                report["cpu_gram_kernel"] = fused_kernels.status()
             report["distances"] = pairwise_distances(grams.sum(0)).tolist()
         add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength)
         report["units"] = _unit_report(unit_names, coeffs, record)

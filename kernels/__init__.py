@@ -8,6 +8,7 @@ from .combine import combine, same_tensors, task_vector_coefficients
 from .element_median import element_median
 from .errors import MergeInputError, model_name
 from .geometric_median import solve_geometric_median
+from . import fused
 from .gram import gram_matrix, pairwise_distances, point_norms
 from .gram_pass import GramPass
 from .inputs import check_inputs, parse_weights
@@ -18,7 +19,7 @@ from .solution import Solution
 from .weighted_mean import solve_weighted_mean
 
 __all__ = [
-    "MergeInputError", "model_name", "check_inputs", "parse_weights", "gram_matrix", "GramPass", "pairwise_distances",
+    "fused", "MergeInputError", "model_name", "check_inputs", "parse_weights", "gram_matrix", "GramPass", "pairwise_distances",
     "point_norms", "Solution", "solve", "REGISTRY", "MethodInfo", "resolve", "task_vector_coefficients",
     "combine", "same_tensors", "element_median", "sign_elected_median", "block_of", "scope_units", "SCOPES",
     "solve_weighted_mean", "solve_geometric_median", "solve_karcher",

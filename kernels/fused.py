@@ -1,0 +1,134 @@
+"""Fused CPU Gram kernels: the pivoted products of one key in a single read of its inputs.
+
+The eager Gram pass (gram.py) converts each chunk to fp32, forms the differences and takes the
+products in separate torch ops, each a pass over the chunk: 1.6-1.8x the time of a weighted
+average over the same tensors. Here the same arithmetic is one torch.compile'd function per
+input count N (2, 3, 4): inductor fuses the conversion, the differences and every product into
+one loop, so each input element is loaded once (about 0.3-0.5x a weighted average, which must
+also write its result).
+
+Arithmetic (the same as gram.py): rows b_0 = x_1, b_i = x_{i+1} - x_1 in fp32; every product
+b_r·b_s summed in fp32 over sub-blocks of SUB_BLOCK elements, then in fp64 over sub-blocks
+(~1e-7 relative error). Results differ from the eager kernel's by summation order only.
+
+Opt-in (BARYCENTER_CPU_KERNELS=fused) because compiling costs time: about 20 s per (N, dtype) the
+first time on a machine, about 3 s per process after (torch caches the compiled code on disk).
+Needs a C++ compiler (inductor's). When anything in compiling fails the process falls back to the
+eager kernel for good, with one warning naming the reason, so a given machine always takes the
+same path (same inputs, same bits). Kernels are compiled with one intra-op thread: the Gram pass
+parallelises over keys.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+SUB_BLOCK = 1024
+MAX_INPUTS = 4  # N(N+1)/2 products per element; beyond 4 inputs the eager bmm is as good
+MIN_BLOCKS = 16  # keys below 16 sub-blocks are not worth a compiled call
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ENV = "BARYCENTER_CPU_KERNELS"
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_compiled: dict = {}  # N -> compiled function
+_ready: set = set()  # (N, dtype) compiled and run once
+_failed: list[str] = []  # the reason, once compiling failed
+
+
+def _rows(xs):
+    b0 = xs[0].float()
+    return [b0] + [x.float() - b0 for x in xs[1:]]
+
+
+def _pair_sums(rows):
+    """(P,) fp64: fp32 sums per sub-block (dim 1), fp64 over sub-blocks, upper triangle row-major."""
+    n = len(rows)
+    parts = [(rows[r] * rows[s]).sum(1) for r in range(n) for s in range(r, n)]
+    return torch.stack(parts).double().sum(1)
+
+
+# One function per N: torch.compile specialises on the argument count anyway, and separate
+# functions keep each one's dtype variants (fp32/fp16/bf16) within dynamo's recompile limit.
+def _products2(x1, x2):
+    return _pair_sums(_rows([x1, x2]))
+
+
+def _products3(x1, x2, x3):
+    return _pair_sums(_rows([x1, x2, x3]))
+
+
+def _products4(x1, x2, x3, x4):
+    return _pair_sums(_rows([x1, x2, x3, x4]))
+
+
+_SOURCES = {2: _products2, 3: _products3, 4: _products4}
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "eager").strip().lower() == "fused" and not _failed
+
+
+def failure() -> str | None:
+    """Why compiling failed in this process, or None."""
+    return _failed[0] if _failed else None
+
+
+def status() -> str:
+    """One line for reports and logs: which CPU Gram kernel runs, and why."""
+    if _failed:
+        return f"eager (fused kernels failed to compile: {_failed[0]})"
+    return "fused" if enabled() else "eager"
+
+
+def applicable(flat, numel: int) -> bool:
+    """Whether fused_products can take these flattened inputs (CPU, 2-4 inputs, one float dtype)."""
+    n = len(flat)
+    x0 = flat[0]
+    return (enabled() and 2 <= n <= MAX_INPUTS and x0.device.type == "cpu" and x0.dtype in DTYPES
+            and all(x.dtype == x0.dtype for x in flat) and numel // SUB_BLOCK >= MIN_BLOCKS)
+
+
+def fused_products(flat, numel: int) -> tuple[torch.Tensor, int] | None:
+    """(beta, m): the fp64 pivoted Gram (N, N) of the first m = numel - numel % SUB_BLOCK elements,
+    or None when compiling failed (the caller then uses the eager kernel)."""
+    n = len(flat)
+    s = numel // SUB_BLOCK
+    m = s * SUB_BLOCK
+    views = [x[:m].view(s, SUB_BLOCK) for x in flat]
+    for v in views:
+        torch._dynamo.mark_dynamic(v, 0)
+    sig = (n, flat[0].dtype)
+    if sig not in _ready:
+        with _lock:  # compile once, not concurrently from the Gram pass's worker threads
+            if _failed:
+                return None
+            if sig not in _ready:
+                try:
+                    fn = _compiled.get(n)
+                    if fn is None:
+                        fn = _compiled[n] = torch.compile(_SOURCES[n], fullgraph=True)
+                    old = torch.get_num_threads()
+                    torch.set_num_threads(1)  # the kernel's thread count is fixed when it is compiled
+                    try:
+                        sums = fn(*views)
+                    finally:
+                        torch.set_num_threads(old)
+                except Exception as e:  # no compiler, unsupported platform...: eager from now on
+                    _failed.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+                    log.warning("comfyui-barycenter: %s=fused but %s; using the eager Gram kernel", ENV, _failed[0])
+                    return None
+                _ready.add(sig)
+                return _to_beta(sums, n), m
+    return _to_beta(_compiled[n](*views), n), m
+
+
+def _to_beta(sums: torch.Tensor, n: int) -> torch.Tensor:
+    beta = torch.empty(n, n, dtype=torch.float64)
+    r, c = torch.triu_indices(n, n)
+    beta[r, c] = sums
+    beta[c, r] = sums
+    return beta

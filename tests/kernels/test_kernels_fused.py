@@ -1,0 +1,132 @@
+"""The opt-in fused CPU Gram kernels (BARYCENTER_CPU_KERNELS=fused) against the eager kernel."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import kernels
+from kernels import GramPass, MergeInputError, fused, gram_matrix
+
+from tests.kernels.conftest import IN_CI
+
+# sizes: a multiple of the sub-block, one with a tail, one just over the fused threshold
+SIZES = (64 * 1024, 300_001, fused.MIN_BLOCKS * fused.SUB_BLOCK + 5)
+
+
+def _models(n, dtype, size, seed=0, spread=3e-3):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(size, generator=g) * 0.05
+    return [(ref + spread * torch.randn(size, generator=g)).to(dtype) for _ in range(n)]
+
+
+def _gram(mode, monkeypatch, *args, **kw):
+    monkeypatch.setenv(fused.ENV, mode)
+    return gram_matrix(*args, **kw)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.fixture
+def fused_on(monkeypatch):
+    """Fused kernels on; they must compile here (CI fails, a laptop without a compiler skips)."""
+    monkeypatch.setenv(fused.ENV, "fused")
+    gram_matrix(_models(2, torch.float32, SIZES[0]))
+    if fused.failure():
+        if IN_CI:
+            pytest.fail(f"fused kernels do not compile in CI: {fused.failure()}")
+        pytest.skip(f"fused kernels do not compile here: {fused.failure()}")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("n,dtype", [(2, torch.float32), (3, torch.float16), (4, torch.bfloat16)])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("full", [True, False])
+def test_fused_gram_equals_eager(fused_on, n, dtype, size, full):
+    xs = _models(n, dtype, size, seed=n)
+    base = _models(1, dtype, size, seed=99)[0] if not full else None  # the base cancels for full=False
+    got = _gram("fused", fused_on, xs, base, full=full)
+    ref = _gram("eager", fused_on, xs, base, full=full)
+    assert _rel(got[1:, 1:], ref[1:, 1:]) < 1e-6
+    assert _rel(got, ref) < 1e-6
+    if not full:
+        assert torch.equal(got[0], ref[0]), "the full=False marker row"
+
+
+def test_fused_deterministic_across_calls_and_workers(fused_on):
+    keys = [_models(3, torch.float16, s, seed=s) for s in SIZES * 2]
+
+    def run(workers):
+        gp = GramPass(len(keys), full=True, workers=workers)
+        for j, xs in enumerate(keys):
+            gp.add(j, xs, None, f"k{j}")
+        return gp.result()
+
+    one = run(1)
+    assert torch.equal(one, run(1))
+    assert torch.equal(one, run(2))
+
+
+def test_fused_identical_inputs_exact_and_gm_returns_them(fused_on):
+    x = _models(1, torch.float16, SIZES[1])[0]
+    g = gram_matrix([x, x, x], full=False)
+    assert bool((g[1:, 1:] == 0).all())
+    sol = kernels.solve("geometric_median", g[None], None)
+    y = kernels.combine([x, x, x], sol.coeffs[0].tolist(), dtype=x.dtype)
+    assert torch.equal(y, x)
+
+
+def test_fused_nan_names_model_and_key(fused_on):
+    xs = _models(3, torch.float16, SIZES[0])
+    xs[1] = xs[1].clone()
+    xs[1][12345] = float("nan")
+    with pytest.raises(MergeInputError, match=r"key 'down.0': model_2 contains NaN"):
+        gram_matrix(xs, key="down.0")
+
+
+@pytest.mark.parametrize("method", ["geometric_median", "karcher"])
+def test_fused_solutions_equal_eager(fused_on, method):
+    keys = [_models(3, torch.float16, s, seed=s) for s in SIZES]
+    full = method == "karcher"
+    got = torch.stack([_gram("fused", fused_on, xs, full=full) for xs in keys])
+    ref = torch.stack([_gram("eager", fused_on, xs, full=full) for xs in keys])
+    a = kernels.solve(method, got, None).coeffs
+    b = kernels.solve(method, ref, None).coeffs
+    assert float((a - b).abs().max()) < 1e-6
+
+
+def test_not_applicable_inputs_take_the_eager_kernel(fused_on):
+    size = SIZES[0]
+    five = _models(5, torch.float16, size)
+    mixed = [five[0], five[1].float(), five[2]]
+    base = _models(1, torch.float16, size, seed=7)[0]
+    cases = [(five, None, True), (mixed, None, True), (five[:3], base, True)]
+    if hasattr(torch, "float8_e4m3fn"):
+        cases.append(([x.to(torch.float8_e4m3fn) for x in five[:3]], None, True))
+    for xs, b, full in cases:
+        assert torch.equal(_gram("fused", fused_on, xs, b, full=full), _gram("eager", fused_on, xs, b, full=full))
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
+    def no_compiler(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    for name, value in (("_compiled", {}), ("_ready", set()), ("_failed", [])):
+        monkeypatch.setattr(fused, name, value)
+    monkeypatch.setattr(fused.torch, "compile", no_compiler)
+    xs = _models(3, torch.float16, SIZES[1])
+    ref = _gram("eager", monkeypatch, xs)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        first = _gram("fused", monkeypatch, xs)
+        second = _gram("fused", monkeypatch, xs)
+    assert torch.equal(first, ref) and torch.equal(second, ref)
+    assert "no C++ compiler found" in fused.status() and fused.status().startswith("eager")
+    assert sum("no C++ compiler found" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv(fused.ENV, raising=False)
+    assert not fused.enabled() and fused.status() == "eager"
