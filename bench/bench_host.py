@@ -31,6 +31,7 @@ from harness import checkpoints  # noqa: E402
 from harness.graphs import Graph, conditioning, load_checkpoint, merge_node  # noqa: E402
 
 SOLVER = {"max_iterations": 100, "eps": 1e-8, "scope": "tensor"}
+KERNELS_ENV = "BARYCENTER_CPU_KERNELS"
 
 
 def family(arch):
@@ -70,23 +71,25 @@ def queue_to_first_step(client, g, ks, timeout=900):
     raise TimeoutError("no sampler progress")
 
 
-def api_section(arch, repeats):
+def api_section(arch, repeats, kernels="eager"):
     from harness.server import ComfyServer, default_run_dir
 
     names = [p.name for p in family(arch)]
-    srv = ComfyServer(default_run_dir(f"bench-{arch}"), [checkpoints.CHECKPOINTS])
+    srv = ComfyServer(default_run_dir(f"bench-{arch}-{kernels}"), [checkpoints.CHECKPOINTS],
+                      env={KERNELS_ENV: kernels})
     client = srv.start()
     client.listen()
     try:
         res = {}
         for kind in ("chain", "gm"):
             g, ks = _sampler_graph(names, kind, 0)
-            client.run(g.prompt())  # warm: loaders, first model load
+            # warm: loaders, first model load (and compiling the fused kernels); reported as "first"
+            res[f"first {kind}"] = queue_to_first_step(client, g, ks)
         for r in range(1, repeats + 1):
             for kind in ("chain", "gm"):
                 g, ks = _sampler_graph(names, kind, r)
                 res.setdefault(kind, []).append(queue_to_first_step(client, g, ks))
-        return {k: statistics.median(v) for k, v in res.items()}, srv.host.kind
+        return {k: v if isinstance(v, float) else statistics.median(v) for k, v in res.items()}, srv.host.kind
     finally:
         client.close()
         srv.stop()
@@ -124,9 +127,10 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def inprocess_section(arch, repeats):
+def inprocess_section(arch, repeats, kernels="eager"):
     import torch
 
+    os.environ[KERNELS_ENV] = kernels
     from harness.host import import_in_process
 
     import_in_process()
@@ -192,19 +196,25 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", nargs="+", default=["sd15"], choices=["sd15", "sd15_full"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-api", action="store_true")
+    ap.add_argument("--kernels", nargs="+", default=["eager"], choices=["eager", "fused"],
+                    help=f"CPU Gram kernels ({KERNELS_ENV}); the in-process part runs once per process "
+                         f"with the first")
     args = ap.parse_args(argv)
     print(f"# bench_host: {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
     for arch in args.arch:
-        if not args.skip_api:
-            q, host = api_section(arch, args.repeats)
-            print(f"\n## {arch}: queue -> first sampler step ({host} ComfyUI, HTTP API, median of {args.repeats})")
+        for kernels in ([] if args.skip_api else args.kernels):
+            q, host = api_section(arch, args.repeats, kernels)
+            print(f"\n## {arch}: queue -> first sampler step ({host} ComfyUI, HTTP API, {kernels} CPU kernels, "
+                  f"median of {args.repeats}; 'first' = the server's first prompt of that kind)")
             print(f"| merge | seconds | ratio to ModelMergeSimple chain |\n|---|---|---|")
             print(f"| 2x ModelMergeSimple | {q['chain']:.3f} | 1.00 |")
             print(f"| GeometricMedian of 3 (tensor) | {q['gm']:.3f} | {q['gm'] / q['chain']:.2f} |")
-        res, one_model, params = inprocess_section(arch, args.repeats)
+            print(f"| first: 2x ModelMergeSimple / GM | {q['first chain']:.3f} / {q['first gm']:.3f} | "
+                  f"{q['first gm'] / q['first chain']:.2f} |")
+        res, one_model, params = inprocess_section(arch, args.repeats, args.kernels[0])
         floor = min(res["one read, all threads"][0], res["one read, 1 thread"][0])
-        print(f"\n## {arch}: node time and peak extra RAM, in-process, CPU ({params / 1e6:.1f}M params, "
-              f"one model {one_model / 2**20:.0f} MiB as loaded)")
+        print(f"\n## {arch}: node time and peak extra RAM, in-process, CPU, {args.kernels[0]} kernels "
+              f"({params / 1e6:.1f}M params, one model {one_model / 2**20:.0f} MiB as loaded)")
         print("| case | seconds | ratio to the faster read | peak extra RSS | / one model |\n|---|---|---|---|---|")
         for name, (t, extra) in res.items():
             print(f"| {name} | {t:.3f} | {t / floor:.2f} | {extra / 2**20:.1f} MiB | {100 * extra / one_model:.1f}% |")

@@ -3,7 +3,7 @@
 Linear methods (weighted mean, geometric median, Karcher) give per-key coefficients a_i (and a_b
 on the base in task-vector mode); the merged weight is Σ a_i x_i + a_b b, handed to ComfyUI as
 patches on a clone of model_1 exactly like its own ModelMergeSimple: the first patch scales
-model_1's weight by a_1 (strength_model), every input adds a_i times its effective weight. ComfyUI
+model_1's weight by a_1 (strength_model), every other input adds a_i times its effective weight. ComfyUI
 computes it on its load device when the model is used; no merged copy sits in RAM.
 Tensor methods (element median, sign-elected median) give a tensor per key: a set-patch
 (strength_patch 1, strength_model 0).
@@ -187,14 +187,19 @@ def add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):
     rows = a.tolist()  # one host sync for all coefficients
     unit_ids = unit_ids.tolist()
     # A row per key: one add_patches call per input (current ComfyUI rebuilds a state dict per
-    # call), then each key's new entry gets its own strength a_i. The first entry also zeroes the
-    # weight so far (strength_model 0) and model_1 is added back from its own entry: the snapshot
-    # can leave model_1's module patched in place, so the clone's starting weight is not trusted.
+    # call), then each key's new entry gets its own strength a_i; the first entry also scales the
+    # weight so far (strength_model). When model_1 has no patches of its own, the clone's weight
+    # is model_1's and is scaled by a_1, as ModelMergeSimple does. With patches (a LoRA on
+    # model_1) the snapshot can leave its module patched in place, so the first entry zeroes the
+    # weight (strength_model 0) and model_1 is added back from its own entry (one more pass).
+    own = any(sources[0].has_patches(k) for k in keys)
+    first = 0 if own else 1
     patcher = getattr(merged, "patcher", merged)  # CLIP holds its ModelPatcher
-    for i, src in enumerate(inputs):
-        merged.add_patches({key: src.patch_value(key) for key in keys}, 1.0, 1.0)
+    for i in range(first, len(inputs)):
+        merged.add_patches({key: inputs[i].patch_value(key) for key in keys}, 1.0, 1.0)
         for key, u in zip(keys, unit_ids):
-            host_api.restrength_last_patch(patcher, key, rows[u][i], 0.0 if i == 0 else 1.0)
+            scale = 1.0 if i > first else (0.0 if own else rows[u][0])
+            host_api.restrength_last_patch(patcher, key, rows[u][i], scale)
 
 
 def _unit_report(names, coeffs, record) -> list[dict]:

@@ -19,6 +19,9 @@ How it is computed (precision, then speed):
   (only needed for norms: Karcher) likewise; full=False skips it (geometric median, distances).
   Chunks of 2^18 elements (CPU cache); on CUDA 2^24 (fewer launches). Peak extra memory: N+1
   rows of one chunk in the compute dtype.
+- Fused CPU kernels (opt-in, BARYCENTER_CPU_KERNELS=fused, fused.py): for 2-4 inputs of one
+  dtype the same products come from one compiled loop per key (no fp32 copies, one read of each
+  input); the remainder after the last whole sub-block and every other case use the chunks above.
 - Norms ‖p_i‖^2 = ‖m‖^2 + 2<m,d_i> + ‖d_i‖^2 are accurate relative to ‖p_i‖^2 when the inputs
   have similar norms (always the case for fine-tunes); a point much closer to 0 than the others
   gets an absolute error ~1e-7·max‖p‖^2 (fp32 data). Exact zeros (a task vector equal to 0
