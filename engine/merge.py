@@ -163,7 +163,10 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     largest = max(sources[0].stored(k).numel() for k in keys)
     host_api.make_room(dev, 4 * largest * (len(sources) + 2) * 2)
     progress = host_api.Progress(len(keys))
-    grams = GramPass(len(keys), full=full, workers=host_api.cpu_workers() if dev.type == "cpu" else 1)
+    # fused kernels do not run concurrently (two threads take as long as one after the other) and
+    # one of them already reads at memory speed: one thread then
+    workers = host_api.cpu_workers() if dev.type == "cpu" and not fused_kernels.enabled() else 1
+    grams = GramPass(len(keys), full=full, workers=workers)
     with host_api.cpu_threads(1 if dev.type == "cpu" else None):
         try:
             for j, key in enumerate(keys):
@@ -204,16 +207,14 @@ def add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):
 
 def _unit_report(names, coeffs, record) -> list[dict]:
     rows = coeffs.tolist()
-    out = []
-    for u, name in enumerate(names):
-        entry = {"name": name, "coefficients": rows[u]}
-        for field, values in record.items():
-            if isinstance(values, torch.Tensor):
-                values = values.tolist()
-            if isinstance(values, (list, tuple)) and len(values) == len(names):
-                entry[field] = values[u]
-        out.append(entry)
-    return out
+    fields = {}
+    for field, values in record.items():  # to lists once, not once per unit
+        if isinstance(values, torch.Tensor):
+            values = values.tolist()
+        if isinstance(values, (list, tuple)) and len(values) == len(names):
+            fields[field] = values
+    return [{"name": name, "coefficients": rows[u], **{f: v[u] for f, v in fields.items()}}
+            for u, name in enumerate(names)]
 
 
 def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, dev) -> list[dict]:

@@ -118,7 +118,8 @@ def fused_products(flat, numel: int) -> tuple[torch.Tensor, int] | None:
                     finally:
                         torch.set_num_threads(old)
                 except Exception as e:  # no compiler, unsupported platform...: eager from now on
-                    _failed.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+                    lines = str(e).strip().splitlines()
+                    _failed.append(f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__)
                     log.warning("comfyui-barycenter: %s=fused but %s; using the eager Gram kernel", ENV, _failed[0])
                     return None
                 _ready.add(sig)
