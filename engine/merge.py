@@ -3,8 +3,8 @@
 Linear methods (weighted mean, geometric median, Karcher) give per-key coefficients a_i (and a_b
 on the base in task-vector mode); the merged weight is Σ a_i x_i + a_b b, handed to ComfyUI as
 patches on a clone of model_1 exactly like its own ModelMergeSimple: the first patch scales
-model_1's weight by a_1 (strength_model), every other input adds a_i times its effective weight. ComfyUI
-computes it on its load device when the model is used; no merged copy sits in RAM.
+model_1's weight by a_1 (strength_model), every other input adds a_i times its effective weight.
+ComfyUI computes it on its load device when the model is used; no merged copy sits in RAM.
 Tensor methods (element median, sign-elected median) give a tensor per key: a set-patch
 (strength_patch 1, strength_model 0).
 """
