@@ -1,9 +1,10 @@
 """Fused CPU Gram kernels: the pivoted products of one key in a single read of its inputs.
 
 The eager Gram pass (gram.py) converts each chunk to fp32, forms the differences and takes the
-products in separate torch ops, each a pass over the chunk: 1.6-1.8x the time of a weighted
-average over the same tensors. Here the same arithmetic is one torch.compile'd function per
-input count N (2, 3, 4): inductor fuses the conversion, the differences and every product into
+products in separate torch ops, each a pass over the chunk: 1.2-1.7x the time of a hand-written
+weighted average over the same tensors. Here the same arithmetic is one torch.compile'd function
+per input count N (2, 3, 4) and kind (the full pivoted Gram for Karcher, the centred block only
+for the geometric median): inductor fuses the conversion, the differences and every product into
 one loop, so each input element is loaded once (0.66-0.89x the time of a compiled weighted
 average, which must also write its result).
 
@@ -11,8 +12,8 @@ Arithmetic (the same as gram.py): rows b_0 = x_1, b_i = x_{i+1} - x_1 in fp32; e
 b_r·b_s summed in fp32 over sub-blocks of SUB_BLOCK elements, then in fp64 over sub-blocks
 (~1e-7 relative error). Results differ from the eager kernel's by summation order only.
 
-Opt-in (BARYCENTER_CPU_KERNELS=fused) because compiling costs time: about 20 s per (N, dtype) the
-first time on a machine, about 3-5 s per process after (torch caches the compiled code on disk).
+Opt-in (BARYCENTER_CPU_KERNELS=fused) because compiling costs time: about 20 s per (N, kind, dtype)
+the first time on a machine, about 3-5 s per process after (torch caches the compiled code on disk).
 Needs a C++ compiler (inductor's). When anything in compiling fails the process falls back to the
 eager kernel for good, with one warning naming the reason, so a given machine always takes the
 same path (same inputs, same bits). Kernels are compiled with one intra-op thread: the Gram pass
@@ -35,7 +36,7 @@ ENV = "BARYCENTER_CPU_KERNELS"
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _compiled: dict = {}  # N -> compiled function
-_ready: set = set()  # (N, dtype) compiled and run once
+_ready: set = set()  # (N, full, dtype) compiled and run once
 _failed: list[str] = []  # the reason, once compiling failed
 
 
@@ -51,8 +52,9 @@ def _pair_sums(rows):
     return torch.stack(parts).double().sum(1)
 
 
-# One function per N: torch.compile specialises on the argument count anyway, and separate
-# functions keep each one's dtype variants (fp32/fp16/bf16) within dynamo's recompile limit.
+# One function per (N, full): torch.compile specialises on the argument count anyway, and separate
+# functions keep each one's dtype variants (fp32/fp16/bf16) within dynamo's recompile limit. The
+# centred ones (geometric median) skip the pivot row b_0·b_s: 3 products instead of 6 for N = 3.
 def _products2(x1, x2):
     return _pair_sums(_rows([x1, x2]))
 
@@ -65,7 +67,20 @@ def _products4(x1, x2, x3, x4):
     return _pair_sums(_rows([x1, x2, x3, x4]))
 
 
-_SOURCES = {2: _products2, 3: _products3, 4: _products4}
+def _centred2(x1, x2):
+    return _pair_sums(_rows([x1, x2])[1:])
+
+
+def _centred3(x1, x2, x3):
+    return _pair_sums(_rows([x1, x2, x3])[1:])
+
+
+def _centred4(x1, x2, x3, x4):
+    return _pair_sums(_rows([x1, x2, x3, x4])[1:])
+
+
+_SOURCES = {(2, True): _products2, (3, True): _products3, (4, True): _products4,
+            (2, False): _centred2, (3, False): _centred3, (4, False): _centred4}
 
 
 def enabled() -> bool:
@@ -92,25 +107,27 @@ def applicable(flat, numel: int) -> bool:
             and all(x.dtype == x0.dtype for x in flat) and numel // SUB_BLOCK >= MIN_BLOCKS)
 
 
-def fused_products(flat, numel: int) -> tuple[torch.Tensor, int] | None:
-    """(beta, m): the fp64 pivoted Gram (N, N) of the first m = numel - numel % SUB_BLOCK elements,
-    or None when compiling failed (the caller then uses the eager kernel)."""
+def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, int] | None:
+    """(beta, m): the fp64 pivoted Gram (N, N) of the first m = numel - numel % SUB_BLOCK elements
+    (full=False: row and column 0 are zero), or None when compiling failed (the caller then uses
+    the eager kernel)."""
     n = len(flat)
     s = numel // SUB_BLOCK
     m = s * SUB_BLOCK
     views = [x[:m].view(s, SUB_BLOCK) for x in flat]
     for v in views:
         torch._dynamo.mark_dynamic(v, 0)
-    sig = (n, flat[0].dtype)
+    variant = (n, bool(full))
+    sig = variant + (flat[0].dtype,)
     if sig not in _ready:
         with _lock:  # compile once, not concurrently from the Gram pass's worker threads
             if _failed:
                 return None
             if sig not in _ready:
                 try:
-                    fn = _compiled.get(n)
+                    fn = _compiled.get(variant)
                     if fn is None:
-                        fn = _compiled[n] = torch.compile(_SOURCES[n], fullgraph=True)
+                        fn = _compiled[variant] = torch.compile(_SOURCES[variant], fullgraph=True)
                     old = torch.get_num_threads()
                     torch.set_num_threads(1)  # the kernel's thread count is fixed when it is compiled
                     try:
@@ -123,13 +140,14 @@ def fused_products(flat, numel: int) -> tuple[torch.Tensor, int] | None:
                     log.warning("comfyui-barycenter: %s=fused but %s; using the eager Gram kernel", ENV, _failed[0])
                     return None
                 _ready.add(sig)
-                return _to_beta(sums, n), m
-    return _to_beta(_compiled[n](*views), n), m
+                return _to_beta(sums, n, full), m
+    return _to_beta(_compiled[variant](*views), n, full), m
 
 
-def _to_beta(sums: torch.Tensor, n: int) -> torch.Tensor:
-    beta = torch.empty(n, n, dtype=torch.float64)
-    r, c = torch.triu_indices(n, n)
-    beta[r, c] = sums
-    beta[c, r] = sums
+def _to_beta(sums: torch.Tensor, n: int, full: bool) -> torch.Tensor:
+    beta = torch.zeros(n, n, dtype=torch.float64)
+    first = 0 if full else 1
+    r, c = torch.triu_indices(n - first, n - first)
+    beta[r + first, c + first] = sums
+    beta[c + first, r + first] = sums
     return beta

@@ -120,14 +120,11 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
 
     def products(exp2: int = 0) -> torch.Tensor:
         if exp2 == 0 and (fb is None or not full) and fused.applicable(flat, numel):
-            done = fused.fused_products(flat, numel)
+            done = fused.fused_products(flat, numel, full)
             if done is not None:
                 beta, m = done
                 if m < numel:
-                    beta += _pivot_products([x[m:] for x in flat], None, n, chunk, cdt, dev, True)
-                if not full:
-                    beta[0, :] = 0.0
-                    beta[:, 0] = 0.0
+                    beta += _pivot_products([x[m:] for x in flat], None, n, chunk, cdt, dev, full)
                 return beta
         return _pivot_products(flat, fb, n, chunk, cdt, dev, full, exp2)
 
