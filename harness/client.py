@@ -106,7 +106,15 @@ class ComfyClient:
         return self.wait(self.queue(prompt), timeout)
 
     def free(self) -> None:
+        """Unload models and drop ComfyUI's cached outputs, and return only once that happened.
+        The server applies /free after the prompt it runs next (or at once when idle, racing
+        with the next queued prompt), so a prompt queued right after /free could have its cached
+        outputs wiped before the prompt after it: loaders then run again and give new objects.
+        A no-op prompt run here takes that turn."""
         self._request("/free", {"unload_models": True, "free_memory": True})
+        run = self.run({"1": {"class_type": "BarycenterTestNoop", "inputs": {}}}, timeout=120)
+        if run.status != "success":
+            raise RuntimeError(f"no-op prompt after /free failed: {run.error_text}")
 
     def interrupt(self) -> None:
         self._request("/interrupt", {})

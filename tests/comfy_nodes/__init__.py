@@ -132,11 +132,29 @@ class BarycenterTestHashCLIP(_DigestNode):
         return self._ui(clip.patcher.model, clip.patcher.patches)
 
 
+class BarycenterTestNoop:
+    """Output node without inputs: a prompt that does nothing, to flush the server's queue flags."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "noop"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing/barycenter"
+
+    def noop(self):
+        return {}
+
+
 NODE_CLASS_MAPPINGS = {"BarycenterTestZeroConditioning": BarycenterTestZeroConditioning,
+                       "BarycenterTestNoop": BarycenterTestNoop,
                        "BarycenterTestCaptureText": BarycenterTestCaptureText,
                        "BarycenterTestHashModel": BarycenterTestHashModel,
                        "BarycenterTestHashCLIP": BarycenterTestHashCLIP}
 NODE_DISPLAY_NAME_MAPPINGS = {"BarycenterTestZeroConditioning": "Zero Conditioning (Barycenter test)",
+                              "BarycenterTestNoop": "No-op (Barycenter test)",
                               "BarycenterTestCaptureText": "Capture Text (Barycenter test)",
                               "BarycenterTestHashModel": "Hash Model (Barycenter test)",
                               "BarycenterTestHashCLIP": "Hash CLIP (Barycenter test)"}
