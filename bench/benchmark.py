@@ -6,8 +6,8 @@ Sections (rows of the one table):
 - kernels: 3 fine-tune-like SD1.5 UNets at real key shapes (bench/_shapes.py), fp16 storage, fp32
   compute, CPU, one thread (see bench_kernels.py on why). The floor is the fastest weighted-average
   pass the project can write over the same tensors (result in fp16), torch.compile'd when the
-  fused kernels compile here; the "fused kernels" rows are the opt-in BARYCENTER_CPU_KERNELS=fused. Every method runs per scope:
-  the Gram pass + solve is what a merge node does (a linear result goes to ComfyUI as patches);
+  fused kernels compile here; the "fused kernels" rows are the opt-in BARYCENTER_CPU_KERNELS=fused.
+  Every method runs per scope: the Gram pass + solve is what a merge node does (a linear result goes to ComfyUI as patches);
   "+ combine" also writes the merged fp16 tensors. Element and sign-elected medians are tensor
   methods (they always write the tensors). Peak RAM = extra RSS while the step runs.
 - peers, on every 50th key (same tensors, equal weights): sd-mecha 1.1.8's geometric_median (in

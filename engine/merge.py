@@ -164,8 +164,9 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     host_api.make_room(dev, 4 * largest * (len(sources) + 2) * 2)
     progress = host_api.Progress(len(keys))
     # fused kernels do not run concurrently (two threads take as long as one after the other) and
-    # one of them already reads at memory speed: one thread then
-    workers = host_api.cpu_workers() if dev.type == "cpu" and not fused_kernels.enabled() else 1
+    # one of them already reads at memory speed: one thread when they take these inputs
+    fused = fused_kernels.enabled() and len(sources) <= fused_kernels.MAX_INPUTS
+    workers = host_api.cpu_workers() if dev.type == "cpu" and not fused else 1
     grams = GramPass(len(keys), full=full, workers=workers)
     with host_api.cpu_threads(1 if dev.type == "cpu" else None):
         try:

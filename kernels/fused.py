@@ -16,8 +16,10 @@ Opt-in (BARYCENTER_CPU_KERNELS=fused) because compiling costs time: about 20 s p
 the first time on a machine, about 3-5 s per process after (torch caches the compiled code on disk).
 Needs a C++ compiler (inductor's). When anything in compiling fails the process falls back to the
 eager kernel for good, with one warning naming the reason, so a given machine always takes the
-same path (same inputs, same bits). Kernels are compiled with one intra-op thread: the Gram pass
-parallelises over keys.
+same path (same inputs, same bits). A kernel uses the intra-op thread count it was compiled under
+(torch recompiles when the count changes); the engine calls them on one thread with one intra-op
+thread: calls from two threads take as long as one after the other, and one already reads at
+memory speed.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ ENV = "BARYCENTER_CPU_KERNELS"
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_compiled: dict = {}  # N -> compiled function
+_compiled: dict = {}  # (N, full) -> compiled function
 _ready: set = set()  # (N, full, dtype) compiled and run once
 _failed: list[str] = []  # the reason, once compiling failed
 
@@ -115,8 +117,6 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
     s = numel // SUB_BLOCK
     m = s * SUB_BLOCK
     views = [x[:m].view(s, SUB_BLOCK) for x in flat]
-    for v in views:
-        torch._dynamo.mark_dynamic(v, 0)
     variant = (n, bool(full))
     sig = variant + (flat[0].dtype,)
     if sig not in _ready:
@@ -124,16 +124,13 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
             if _failed:
                 return None
             if sig not in _ready:
+                for v in views:  # compiled for any number of sub-blocks: no recompile per key size
+                    torch._dynamo.mark_dynamic(v, 0)
                 try:
                     fn = _compiled.get(variant)
                     if fn is None:
                         fn = _compiled[variant] = torch.compile(_SOURCES[variant], fullgraph=True)
-                    old = torch.get_num_threads()
-                    torch.set_num_threads(1)  # the kernel's thread count is fixed when it is compiled
-                    try:
-                        sums = fn(*views)
-                    finally:
-                        torch.set_num_threads(old)
+                    sums = fn(*views)
                 except Exception as e:  # no compiler, unsupported platform...: eager from now on
                     lines = str(e).strip().splitlines()
                     _failed.append(f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__)
