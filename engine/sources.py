@@ -40,7 +40,7 @@ class Source:
         first = entry[0]
         weight, convert = (first if isinstance(first, tuple) else (first, None))
         if convert is None and len(entry) == 1:
-            return weight.to(device, non_blocking=True)
+            return weight if weight.device == device else weight.to(device, non_blocking=True)
         w = weight.to(device=device, dtype=torch.float32, copy=True)
         if convert is not None:
             w = convert(w, inplace=True)

@@ -141,10 +141,15 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
     return _to_beta(_compiled[variant](*views), n, full), m
 
 
+_triu: dict = {}  # (n, full) -> index of the products in beta, made once
+
+
 def _to_beta(sums: torch.Tensor, n: int, full: bool) -> torch.Tensor:
+    idx = _triu.get((n, full))
+    if idx is None:
+        first = 0 if full else 1
+        r, c = torch.triu_indices(n - first, n - first) + first
+        idx = _triu[(n, full)] = (torch.cat([r, c]), torch.cat([c, r]))
     beta = torch.zeros(n, n, dtype=torch.float64)
-    first = 0 if full else 1
-    r, c = torch.triu_indices(n - first, n - first)
-    beta[r + first, c + first] = sums
-    beta[c + first, r + first] = sums
+    beta.index_put_(idx, sums.repeat(2))
     return beta

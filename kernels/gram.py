@@ -90,6 +90,18 @@ def pivot_map(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
     return t
 
 
+_pivots: dict = {}
+
+
+def _pivot(n: int, device) -> torch.Tensor:
+    """pivot_map(n) on `device`, made once (read-only: shared by every key)."""
+    k = (n, str(device))
+    t = _pivots.get(k)
+    if t is None:
+        t = _pivots[k] = pivot_map(n, device=device)
+    return t
+
+
 def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
                 chunk_elems: int | None = None, key: str = "tensor", check: bool = True,
                 full: bool = True) -> torch.Tensor:
@@ -131,7 +143,7 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
     beta = products()
     if check:
         beta = _checked(beta, xs, base, key, norms=full, redo=products)
-    t = pivot_map(n, device=dev)
+    t = _pivot(n, dev)
     g = t @ beta @ t.T
     if full:  # ‖m‖^2 >= 0; rounding must not make it negative (the full=False marker)
         g[0, 0] = g[0, 0].clamp_min(0.0)
@@ -152,19 +164,32 @@ def _pivot_products(flat, fb, n: int, chunk: int, cdt, dev, full: bool, exp2: in
     nchunks = -(-numel // chunk)
     dd = torch.zeros(nchunks, n - 1, n - 1, dtype=cdt, device=dev)
     r0 = torch.zeros(nchunks, n, dtype=cdt, device=dev)
+    # inputs already in the compute dtype: differences straight from them (no converted copies)
+    direct = not exp2 and all(x.dtype == cdt for x in flat) and (fb is None or fb.dtype == cdt)
     for j in range(nchunks):
         a = j * chunk
         e = min(numel, a + chunk)
         b = buf[:, : e - a]
-        for i in range(n):
-            b[i].copy_(flat[i][a:e])
-        if exp2:
-            scale_pow2_(b[:n], exp2)
+        if direct:
+            x0 = flat[0][a:e]
+            for i in range(1, n):
+                torch.sub(flat[i][a:e], x0, out=b[i])
+        else:
+            for i in range(n):
+                b[i].copy_(flat[i][a:e])
+            if exp2:
+                scale_pow2_(b[:n], exp2)
+            if n > 1:
+                b[1:n].sub_(b[0])
         if n > 1:
-            b[1:n].sub_(b[0])
             block_products(b[1:n], dd[j])
         if full:
-            if fb is not None:
+            if direct:
+                if fb is None:
+                    b[0].copy_(x0)
+                else:
+                    torch.sub(x0, fb[a:e], out=b[0])
+            elif fb is not None:
                 b[n].copy_(fb[a:e])
                 if exp2:
                     scale_pow2_(b[n], exp2)
@@ -269,14 +294,18 @@ def finish_products(parts: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_flags(beta: torch.Tensor):
-    """(non-finite, squared norms sq, any point near 0, largest diagonal below TINY_GRAM): one sync."""
-    d = beta.diagonal()
+    """(non-finite, squared norms sq, any point near 0, largest diagonal below TINY_GRAM): one
+    host sync (the (N, N) values as Python floats; checking them there costs less than the ops)."""
+    v = beta.tolist()
+    n = len(v)
+    d = [v[i][i] for i in range(n)]
     # squared norms of p_i from the pivoted Gram: p_1 = b_0, p_i = b_0 + b_{i-1}
-    sq = torch.cat([d[:1], d[0] + 2 * beta[0, 1:] + d[1:]])
-    flags = torch.stack([~torch.isfinite(beta).all(), (sq <= 1e-4 * sq.max()).any() & (sq.max() > 0),
-                         d.abs().max() < TINY_GRAM])
-    bad, small, tiny = flags.tolist()
-    return bad, sq, small, tiny
+    sq = [d[0]] + [d[0] + 2 * v[0][i] + d[i] for i in range(1, n)]
+    bad = not all(math.isfinite(x) for row in v for x in row)
+    if bad:  # the other flags mean nothing then
+        return True, sq, False, False
+    top = max(sq)
+    return False, sq, top > 0 and any(x <= 1e-4 * top for x in sq), max(map(abs, d)) < TINY_GRAM
 
 
 def locate_nonfinite(xs, base, key: str) -> None:
@@ -310,7 +339,7 @@ def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True, redo=No
     if bad:
         raise MergeInputError(f"key '{key}': the inputs overflow the compute precision")
     if norms and small and n > 1:
-        zero = [i for i in range(1, n) if float(sq[i]) <= 1e-4 * float(sq.max()) and _is_zero_point(xs[i], base)]
+        zero = [i for i in range(1, n) if sq[i] <= 1e-4 * max(sq) and _is_zero_point(xs[i], base)]
         if zero:  # p_i = 0 exactly: b_{i-1} = -b_0, make its Gram rows exact
             r = torch.eye(n, dtype=beta.dtype, device=beta.device)
             for i in zero:

@@ -106,6 +106,32 @@ def test_batched_units_equal_separate_solves_and_are_deterministic():
             assert torch.allclose(single.coeffs[0], batch.coeffs[k], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("max_iter", [5, 8, 37, 200])
+def test_gm_plain_steps_give_the_bits_of_full_steps(max_iter):
+    """The CPU loop's plain Weiszfeld steps (falling back to Vardi-Zhang steps from the last look
+    when a unit comes within eps of an input) give exactly what full steps throughout give:
+    a batch mixing general units, medians at an input (weight >= 1/2, a wide angle), coincident
+    and identical inputs, N = 3."""
+    from kernels.geometric_median import _weiszfeld
+
+    units = [_points(3, (30,), seed=s, spread=0.1 + s) for s in range(6)]
+    a, b = _points(2, (30,), seed=11)
+    units += [[a, a, b], [a, a, a], [a, b, (a + b) / 2 + 1e-3 * b]]
+    units += [[torch.tensor([0.0, 0.0]), torch.tensor([10.0, 0.0]), torch.tensor([5.0, 0.1])]]
+    grams = torch.stack([gram_matrix(u) for u in units[:-1]] + [gram_matrix([x.double() for x in units[-1]])])
+    checked = 0
+    for w in (None, [0.6, 0.2, 0.2], [1, 2, 3], [0, 1, 1]):
+        w = parse_weights(",".join(map(str, w)) if w else "", 3)
+        for tol, eps in ((1e-10, 1e-6), (1e-14, 1e-3), (1e-6, 0.0)):
+            fast = _weiszfeld(grams, w, tol=tol, max_iter=max_iter, eps=eps)
+            full = _weiszfeld(grams, w, tol=tol, max_iter=max_iter, eps=eps, plain_steps=False)
+            assert torch.equal(fast.coeffs, full.coeffs)
+            for f in ("iterations", "converged", "objective", "at_input"):
+                assert torch.equal(fast.record[f], full.record[f]), f
+            checked += int((fast.record["at_input"] >= 0).sum())
+    assert checked > 0  # some units did take Vardi-Zhang steps
+
+
 @pytest.mark.parametrize("wt", [None, [1, 2, 3], [0.2, 0.2, 0.2, 0.4]])
 def test_karcher_matches_direct_iteration_on_full_tensors(wt):
     n = 3 if wt is None else len(wt)
