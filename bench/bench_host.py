@@ -5,7 +5,9 @@
 1. Through the HTTP API (a real ComfyUI, CPU): time from POST /prompt to the KSampler's first
    progress event, for the geometric median of 3 models vs a chain of two ModelMergeSimple on the
    same 3 models (the loaders are warm in both; each timed prompt changes one merge setting so the
-   merge really runs). Ratio = GM / chain (goal <= 1.3).
+   merge really runs). Ratio = GM / chain (goal <= 1.3). With the Gram cache on (the default) the
+   re-queued GM reuses its Grams (only the solve runs: a mixer changing a weight); with
+   --gram-cache off every GM prompt reads the inputs again (a merge of new inputs).
 2. In-process (ComfyUI imported, models loaded as the host loads them): the merge node's time vs
    one read of the 3 inputs' weights (every key of every input converted to fp32 once: the floor
    of any merge that reads them); goal <= 1.25 for GM and Karcher. Peak extra RSS of the merge vs
@@ -32,6 +34,7 @@ from harness.graphs import Graph, conditioning, load_checkpoint, merge_node  # n
 
 SOLVER = {"max_iterations": 100, "eps": 1e-8, "scope": "tensor"}
 KERNELS_ENV = "BARYCENTER_CPU_KERNELS"
+CACHE_ENV = "BARYCENTER_GRAM_CACHE"
 
 
 def family(arch):
@@ -71,12 +74,12 @@ def queue_to_first_step(client, g, ks, timeout=900):
     raise TimeoutError("no sampler progress")
 
 
-def api_section(arch, repeats, kernels="eager"):
+def api_section(arch, repeats, kernels="eager", gram_cache="off"):
     from harness.server import ComfyServer, default_run_dir
 
     names = [p.name for p in family(arch)]
-    srv = ComfyServer(default_run_dir(f"bench-{arch}-{kernels}"), [checkpoints.CHECKPOINTS],
-                      env={KERNELS_ENV: kernels})
+    srv = ComfyServer(default_run_dir(f"bench-{arch}-{kernels}-{gram_cache}"), [checkpoints.CHECKPOINTS],
+                      env={KERNELS_ENV: kernels, CACHE_ENV: "1" if gram_cache == "on" else "0"})
     client = srv.start()
     client.listen()
     try:
@@ -131,6 +134,7 @@ def inprocess_section(arch, repeats, kernels="eager"):
     import torch
 
     os.environ[KERNELS_ENV] = kernels
+    os.environ[CACHE_ENV] = "0"  # every call reads the inputs: node time vs one read
     from harness.host import import_in_process
 
     import_in_process()
@@ -196,16 +200,20 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", nargs="+", default=["sd15"], choices=["sd15", "sd15_full"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-api", action="store_true")
+    ap.add_argument("--gram-cache", nargs="+", default=["off", "on"], choices=["off", "on"],
+                    help=f"API part: {CACHE_ENV} of the server (off: every GM prompt reads its inputs; "
+                         f"on: a re-queued GM reuses the Grams)")
     ap.add_argument("--kernels", nargs="+", default=["eager"], choices=["eager", "fused"],
                     help=f"CPU Gram kernels ({KERNELS_ENV}); the in-process part runs once per process "
                          f"with the first")
     args = ap.parse_args(argv)
     print(f"# bench_host: {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
     for arch in args.arch:
-        for kernels in ([] if args.skip_api else args.kernels):
-            q, host = api_section(arch, args.repeats, kernels)
+        for kernels, cache in ([] if args.skip_api else [(k, c) for k in args.kernels for c in args.gram_cache]):
+            q, host = api_section(arch, args.repeats, kernels, cache)
+            what = "Gram reused, a setting changed" if cache == "on" else "Gram cache off, inputs read every time"
             print(f"\n## {arch}: queue -> first sampler step ({host} ComfyUI, HTTP API, {kernels} CPU kernels, "
-                  f"median of {args.repeats}; 'first' = the server's first prompt of that kind)")
+                  f"{what}; median of {args.repeats}; 'first' = the server's first prompt of that kind)")
             print(f"| merge | seconds | ratio to ModelMergeSimple chain |\n|---|---|---|")
             print(f"| 2x ModelMergeSimple | {q['chain']:.3f} | 1.00 |")
             print(f"| GeometricMedian of 3 (tensor) | {q['gm']:.3f} | {q['gm'] / q['chain']:.2f} |")

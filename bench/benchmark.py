@@ -222,11 +222,12 @@ def peer_section(table, rounds, stride=50):
 
 def host_sections(table, archs, rounds):
     for arch in archs:
-        q, host = bench_host.api_section(arch, rounds)
-        section = f"ComfyUI {host}, {arch}, HTTP API"
-        table.add(section, "queue → first step: 2× ModelMergeSimple", q["chain"], 1.0)
-        table.add(section, "queue → first step: GeometricMedian of 3", q["gm"], q["gm"] / q["chain"],
-                  note="ratio to the ModelMergeSimple chain")
+        for cache, what in (("off", "Gram read every time"), ("on", "a setting changed, Gram reused")):
+            q, host = bench_host.api_section(arch, rounds, gram_cache=cache)
+            section = f"ComfyUI {host}, {arch}, HTTP API"
+            table.add(section, "queue → first step: 2× ModelMergeSimple", q["chain"], 1.0)
+            table.add(section, f"queue → first step: GeometricMedian of 3 ({what})", q["gm"], q["gm"] / q["chain"],
+                      note="ratio to the ModelMergeSimple chain")
     arch = archs[-1]
     res, one_model, params = bench_host.inprocess_section(arch, rounds)
     floor = min(res["one read, all threads"][0], res["one read, 1 thread"][0])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
 
@@ -88,14 +89,21 @@ def check_interrupted() -> None:
 
 
 class Progress:
-    """ComfyUI progress bar over keys, throttled to about 100 UI updates per merge."""
+    """ComfyUI progress bar over keys: an update at most every INTERVAL seconds, and at the end.
+    Each update is a websocket message that the server's event loop sends while holding the GIL:
+    a hundred of them made a 0.1 s merge of tiny models take 0.05 s longer. Cancel is looked at
+    on every key."""
+
+    INTERVAL = 0.1
 
     def __init__(self, total: int):
         self.total = max(int(total), 1)
         self.bar = comfy.utils.ProgressBar(self.total)  # positional: the snapshot takes no keyword
-        self.step = max(self.total // 100, 1)
+        self.last = time.monotonic()
 
     def __call__(self, done: int) -> None:
         check_interrupted()
-        if done % self.step == 0 or done == self.total:
+        now = time.monotonic()
+        if done >= self.total or now - self.last >= self.INTERVAL:
             self.bar.update_absolute(done)
+            self.last = now

@@ -20,7 +20,7 @@ import torch
 from ..kernels import fused as fused_kernels
 from ..kernels import (GramPass, MergeInputError, block_of, pairwise_distances, parse_weights, resolve,
                        scope_units, solve, task_vector_coefficients)
-from . import host_api
+from . import gram_cache, host_api
 from .sources import Source
 
 
@@ -102,7 +102,16 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
             record: dict = {}
         else:
             # GM needs only the centred block of the Gram (cheaper); Karcher the norms too
-            grams = _gram_pass(sources, base, keys, dev, full=method != "geometric_median")
+            full = method != "geometric_median"
+            kernel = fused_kernels.status() if dev.type == "cpu" else dev.type
+            cached = gram_cache.key_of(sources, base, keys, dev, full, kernel)
+            grams = gram_cache.lookup(cached)
+            report["gram"] = "reused" if grams is not None else "computed"
+            if grams is None:
+                grams = _gram_pass(sources, base, keys, dev, full=full)
+                gram_cache.store(cached, grams)
+            else:
+                host_api.Progress(1)(1)
             t_read = time.perf_counter()
             unit_grams = torch.zeros((len(unit_names),) + grams.shape[1:], dtype=grams.dtype, device=grams.device)
             unit_grams.index_add_(0, unit_ids.to(grams.device), grams)

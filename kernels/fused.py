@@ -141,15 +141,12 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
     return _to_beta(_compiled[variant](*views), n, full), m
 
 
-_triu: dict = {}  # (n, full) -> index of the products in beta, made once
-
-
 def _to_beta(sums: torch.Tensor, n: int, full: bool) -> torch.Tensor:
-    idx = _triu.get((n, full))
-    if idx is None:
-        first = 0 if full else 1
-        r, c = torch.triu_indices(n - first, n - first) + first
-        idx = _triu[(n, full)] = (torch.cat([r, c]), torch.cat([c, r]))
-    beta = torch.zeros(n, n, dtype=torch.float64)
-    beta.index_put_(idx, sums.repeat(2))
-    return beta
+    # built from Python floats: a handful of tiny tensor ops would cost more than the kernel on
+    # a small key (the caller reads the values back anyway)
+    vals = iter(sums.tolist())
+    rows = [[0.0] * n for _ in range(n)]
+    for r in range(0 if full else 1, n):
+        for c in range(r, n):
+            rows[r][c] = rows[c][r] = next(vals)
+    return torch.tensor(rows, dtype=torch.float64)
