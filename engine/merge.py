@@ -7,6 +7,8 @@ model_1's weight by a_1 (strength_model), every other input adds a_i times its e
 ComfyUI computes it on its load device when the model is used; no merged copy sits in RAM.
 Tensor methods (element median, sign-elected median) give a tensor per key: a set-patch
 (strength_patch 1, strength_model 0).
+The Grams of the last few passes are kept (gram_cache.py): a merge re-queued on the same input
+objects with other settings solves without reading the inputs again.
 """
 from __future__ import annotations
 
