@@ -7,7 +7,8 @@ of the keys' Grams.
 
 How it is computed (precision, then speed):
 - Per chunk the inputs are converted to the compute dtype (fp32; fp64 when an input is fp64) and
-  pivoted on p_1: rows b_0 = p_1, b_i = x_{i+1} - x_1 (the base cancels in the differences).
+  pivoted on p_1: rows b_0 = p_1, b_i = x_{i+1} - x_1 (the base cancels in the differences);
+  inputs already in the compute dtype are subtracted in place of being copied first.
   The Gram of the b rows is accumulated chunk by chunk in fp64 and mapped to [m, d] at the end by
   an exact-rational linear map (fp64). Differences are formed before any product, so distances
   keep fp32 relative accuracy however close the models are (an uncentred fp32 Gram loses

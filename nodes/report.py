@@ -69,6 +69,7 @@ class Parsed:
     with_convergence: int = 0
     timing: dict = field(default_factory=dict)
     device: str | None = None
+    gram: str | None = None  # "computed", or "reused" from an earlier merge of the same inputs
 
     @property
     def n(self) -> int:
@@ -142,7 +143,7 @@ def parse_report(text) -> Parsed:
                strength=_number(data.get("strength")) or 1.0, keys=data.get("keys"),
                distances=[[float(v) for v in r] for r in distances] if distances else None,
                units=len(units), timing=data.get("timing") if isinstance(data.get("timing"), dict) else {},
-               device=data.get("device"))
+               device=data.get("device"), gram=data.get("gram") if isinstance(data.get("gram"), str) else None)
     # convergence
     for u in units:
         it = u.get("iterations")
@@ -229,7 +230,8 @@ def summary(p: Parsed) -> str:
     lines.append(convergence_line(p))
     total = _number(p.timing.get("total_s"))
     if total is not None:
-        lines.append(f"time: {total:.2f} s on {p.device or '?'}")
+        reused = " (Grams reused from an earlier merge of the same inputs)" if p.gram == "reused" else ""
+        lines.append(f"time: {total:.2f} s on {p.device or '?'}{reused}")
     return "\n".join(lines)
 
 

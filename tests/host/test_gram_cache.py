@@ -7,6 +7,7 @@ method's Gram kind, or a changed input (a LoRA on one model) computes again.
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -43,6 +44,9 @@ def test_grams_reused_for_other_settings_with_the_same_bytes(comfy, server):
     assert rep["gram"] == "computed"
     other, rep = _merge(comfy, server, names, weights="", scope="tensor")
     assert rep["gram"] == "reused"
+    from tests.host.test_report import rep as report_module
+    text = report_module.summary(report_module.parse_report(json.dumps(rep)))
+    assert "Grams reused from an earlier merge" in text, text
     settings = NODES["BarycenterGeometricMedian"][1]
     expected, _, scale = expected_linear("geometric_median", xs, settings)
     assert_linear_close(other, expected, scale)
