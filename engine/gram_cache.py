@@ -49,11 +49,10 @@ def key_of(sources, base, keys, device, full: bool, kernel: str):
     inputs = list(sources) + ([base] if base is not None else [])
     try:
         refs = [(weakref.ref(s.owner), weakref.ref(s.patcher)) for s in inputs]
-    except TypeError:  # an object without weak references: do not cache
-        return None
-    key = (tuple(_identity(s, keys) for s in inputs), base is not None, tuple(keys), bool(full),
-           str(device), kernel)
-    return key, refs, inputs
+        identities = tuple(_identity(s, keys) for s in inputs)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None  # no weak references, or a tensor type without a data pointer: not cached
+    return (identities, base is not None, tuple(keys), bool(full), str(device), kernel), refs, inputs
 
 
 def lookup(handle) -> torch.Tensor | None:

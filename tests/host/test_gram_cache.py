@@ -66,3 +66,96 @@ def test_grams_reused_for_other_settings_with_the_same_bytes(comfy, server):
     assert rep["gram"] == "computed"  # model_2 is another object with its own patches
     _, rep = _merge(comfy, server, names, lora=lora_name, weights="1,1,2")
     assert rep["gram"] == "reused"
+
+
+def _cache_module():
+    """engine/gram_cache.py on its own (it imports no ComfyUI module)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "engine" / "gram_cache.py"
+    spec = importlib.util.spec_from_file_location("barycenter_gram_cache_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Patcher:
+    def __init__(self, weights):
+        self.patches_uuid = "u"
+        self.weights = weights
+
+
+class _Source:
+    def __init__(self, patcher, patches=None):
+        self.owner = self.patcher = patcher
+        self.entries = {k: [w] + list((patches or {}).get(k, [])) for k, w in patcher.weights.items()}
+
+    def stored(self, key):
+        return self.entries[key][0]
+
+
+def test_cache_keys_hits_misses_and_eviction(monkeypatch):
+    import torch
+
+    gc_mod = _cache_module()
+    keys = ["a", "b"]
+    mk = lambda: _Patcher({"a": torch.zeros(3), "b": torch.ones(2)})  # noqa: E731
+    p1, p2 = mk(), mk()
+    s1, s2 = _Source(p1), _Source(p2)
+    h = gc_mod.key_of([s1, s2], None, keys, "cpu", False, "eager")
+    assert gc_mod.lookup(h) is None
+    grams = torch.arange(8.0).view(2, 2, 2)
+    gc_mod.store(h, grams)
+    got = gc_mod.lookup(gc_mod.key_of([_Source(p1), _Source(p2)], None, keys, "cpu", False, "eager"))
+    assert got is not None and torch.equal(got, grams) and got is not grams  # a copy: callers may not change it
+    # anything else differs: a miss
+    for other in ([_Source(p2), _Source(p1)], [_Source(p1), _Source(mk())],
+                  [_Source(p1), _Source(p2, {"a": [("lora",)]})]):
+        assert gc_mod.lookup(gc_mod.key_of(other, None, keys, "cpu", False, "eager")) is None
+    for args in ((None, keys, "cpu", True, "eager"), (None, keys, "cuda:0", False, "cuda"),
+                 (None, keys, "cpu", False, "fused"), (None, ["a"], "cpu", False, "eager"),
+                 (_Source(mk()), keys, "cpu", False, "eager")):
+        assert gc_mod.lookup(gc_mod.key_of([_Source(p1), _Source(p2)], *args)) is None
+    # a new tensor for a key (same values): a miss
+    p1.weights["a"] = torch.zeros(3)
+    assert gc_mod.lookup(gc_mod.key_of([_Source(p1), _Source(p2)], None, keys, "cpu", False, "eager")) is None
+    # only SIZE passes are kept, the least recently used go first
+    gc_mod.clear()
+    handles = []
+    for _ in range(gc_mod.SIZE + 1):
+        p = mk()
+        handles.append((p, gc_mod.key_of([_Source(p), _Source(p2)], None, keys, "cpu", False, "eager")))
+        gc_mod.store(handles[-1][1], grams)
+    assert gc_mod.lookup(handles[0][1]) is None and gc_mod.lookup(handles[-1][1]) is not None
+    # off: nothing is looked up or kept
+    monkeypatch.setenv(gc_mod.ENV, "0")
+    assert gc_mod.key_of([s1, s2], None, keys, "cpu", False, "eager") is None
+    assert gc_mod.lookup(None) is None
+
+
+def test_cache_never_matches_a_dead_input_or_one_without_weak_references():
+    import gc
+
+    import torch
+
+    gc_mod = _cache_module()
+    keys = ["a"]
+    p1, p2 = _Patcher({"a": torch.zeros(3)}), _Patcher({"a": torch.ones(3)})
+    h = gc_mod.key_of([_Source(p1), _Source(p2)], None, keys, "cpu", False, "eager")
+    gc_mod.store(h, torch.zeros(1, 3, 3))
+    key = h[0]
+    del h, p1
+    gc.collect()
+    # a new object that took the dead one's place (same id, hence the same key) is another input
+    p3 = _Patcher({"a": torch.zeros(3)})
+    assert gc_mod.lookup((key, None, [_Source(p3), _Source(p2)])) is None
+    assert key not in gc_mod._entries  # and the dead entry is gone
+
+    class NoWeak:
+        __slots__ = ("patches_uuid", "weights")
+
+        def __init__(self):
+            self.patches_uuid, self.weights = "u", {"a": torch.zeros(3)}
+
+    assert gc_mod.key_of([_Source(NoWeak()), _Source(p2)], None, keys, "cpu", False, "eager") is None
