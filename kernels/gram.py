@@ -37,6 +37,7 @@ How it is computed (precision, then speed):
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Sequence
@@ -81,25 +82,19 @@ def default_chunk(device: torch.device) -> int:
 
 
 def pivot_map(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
-    """(N+1, N) map T with [m, d_1..d_N] = T @ [b_0..b_{N-1}] (b_0 = p_1, b_i = p_{i+1} - p_1)."""
+    """(N+1, N) map T with [m, d_1..d_N] = T @ [b_0..b_{N-1}] (b_0 = p_1, b_i = p_{i+1} - p_1).
+    Made once per (n, dtype, device) and shared by every key: read-only."""
+    return _pivot_map(n, dtype, str(torch.device(device) if device is not None else "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _pivot_map(n: int, dtype, device: str) -> torch.Tensor:
     t = torch.zeros(n + 1, n, dtype=dtype, device=device)
     t[0, 0] = 1.0
     if n > 1:
         t[0, 1:] = 1.0 / n
         t[1:, 1:] = -1.0 / n
         t[2:, 1:] += torch.eye(n - 1, dtype=dtype, device=device)
-    return t
-
-
-_pivots: dict = {}
-
-
-def _pivot(n: int, device) -> torch.Tensor:
-    """pivot_map(n) on `device`, made once (read-only: shared by every key)."""
-    k = (n, str(device))
-    t = _pivots.get(k)
-    if t is None:
-        t = _pivots[k] = pivot_map(n, device=device)
     return t
 
 
@@ -144,7 +139,7 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
     beta = products()
     if check:
         beta = _checked(beta, xs, base, key, norms=full, redo=products)
-    t = _pivot(n, dev)
+    t = pivot_map(n, device=dev)
     g = t @ beta @ t.T
     if full:  # ‖m‖^2 >= 0; rounding must not make it negative (the full=False marker)
         g[0, 0] = g[0, 0].clamp_min(0.0)
