@@ -72,6 +72,22 @@ def scratch(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t[:n].view(shape)
 
 
+def fp32_matmul(fn):
+    """Run fn with TF32 matmuls off: a host (or another pack) may have turned them on globally,
+    and their 10-bit mantissas would put ~1e-3 relative error into the Gram's products."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        flags = torch.backends.cuda.matmul
+        if not flags.allow_tf32:
+            return fn(*args, **kwargs)
+        flags.allow_tf32 = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            flags.allow_tf32 = True
+    return wrapped
+
+
 def compute_dtype(*tensors) -> torch.dtype:
     """fp64 if any input is fp64, else fp32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -98,6 +114,7 @@ def _pivot_map(n: int, dtype, device: str) -> torch.Tensor:
     return t
 
 
+@fp32_matmul
 def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
                 chunk_elems: int | None = None, key: str = "tensor", check: bool = True,
                 full: bool = True) -> torch.Tensor:

@@ -13,8 +13,15 @@ SMALL_KEY elements are gathered until they fill one CPU chunk and done together:
   near zero, a non-finite base that cancels in the differences); a flagged key is recomputed by
   gram_matrix itself, which names the input or rescales or makes zero points exact.
 Results equal gram_matrix's up to fp64 summation order (~1e-7 relative at worst, from fp32
-products, as there). On CUDA every key goes through gram_matrix (its chunks are 2^24 elements and
-index_add there is not deterministic).
+products, as there).
+
+On a GPU (given `reread`, as the engine does) the pass never waits for the device: per key the
+pivoted products are formed as in gram_matrix but left on the GPU; small keys are batched in a
+layout padded with zeros to whole SUB_BLOCKs (one bmm for the batch, then an exact 0/1 fp64
+matmul sums each key's sub-blocks: no atomics, so deterministic); the checks gram_matrix makes
+per key run once for all keys at the end (one host sync), and a flagged key is read again
+(`reread`) and given to gram_matrix, which names the input or rescales or makes zero points
+exact. Without `reread` every key goes through gram_matrix (one host sync per key).
 """
 from __future__ import annotations
 
@@ -23,9 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .gram import CPU_CHUNK, TINY_GRAM, gram_matrix, pivot_map
+from .gram import (CPU_CHUNK, SUB_BLOCK, TINY_GRAM, _pivot_products, default_chunk, fp32_matmul, gram_matrix,
+                   pivot_map)
 
 SMALL_KEY = 1 << 16
+DEVICE_BATCH = 1 << 22  # elements of small keys per batch on a GPU (a 4-row fp32 batch: 64 MiB)
 _BATCHABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -40,7 +49,10 @@ class GramPass:
     at a barrier. At most 2·workers items are in flight (the inputs they read stay referenced until
     done). close() (or result()) ends the threads."""
 
-    def __init__(self, n_keys: int, *, full: bool = True, workers: int = 1):
+    def __init__(self, n_keys: int, *, full: bool = True, workers: int = 1, reread=None,
+                 deferred: bool | None = None):
+        """reread(j) -> (xs, base): key j's inputs once more, for the deferred checks. deferred:
+        None = on a GPU when reread is given; True also on CPU (tests of that path)."""
         self.full = full
         self.grams: list[torch.Tensor | None] = [None] * n_keys
         self._pending: list[tuple[int, list, torch.Tensor | None, str]] = []
@@ -48,30 +60,49 @@ class GramPass:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="gram") if workers > 1 else None
         self._inflight: deque = deque()
         self._limit = 2 * workers
+        self.reread = reread
+        self._deferred = deferred
+        self._betas: dict[int, tuple[torch.Tensor, torch.Tensor | None, str]] = {}
 
+    def _defers(self, device: torch.device) -> bool:
+        if self._deferred is None:
+            return self.reread is not None and device.type != "cpu"
+        return self._deferred
+
+    @fp32_matmul
     def add(self, j: int, xs, base=None, key: str = "tensor") -> None:
         x0 = xs[0]
-        if (x0.device.type == "cpu" and len(xs) > 1 and 0 < x0.numel() <= SMALL_KEY
-                and all(x.dtype in _BATCHABLE for x in xs) and (base is None or base.dtype in _BATCHABLE)):
+        defer = self._defers(x0.device)
+        batchable = (len(xs) > 1 and 0 < x0.numel() <= SMALL_KEY and all(x.dtype in _BATCHABLE for x in xs)
+                     and (base is None or base.dtype in _BATCHABLE))
+        if batchable and (defer or x0.device.type == "cpu"):
             if self._pending and (base is None) != (self._pending[0][2] is None):
                 self.flush()
             self._pending.append((j, list(xs), base, key))
             self._pending_elems += x0.numel()
-            if self._pending_elems >= CPU_CHUNK:
+            if self._pending_elems >= (DEVICE_BATCH if defer else CPU_CHUNK):
                 self.flush()
+        elif defer:
+            self._defer_key(j, list(xs), base, key)
         else:
             self._run(self._one_key, [(j, list(xs), base, key)])
 
+    @fp32_matmul
     def flush(self) -> None:
         if self._pending:
             items, self._pending, self._pending_elems = self._pending, [], 0
-            self._run(self._batch, items)
+            if self._defers(items[0][1][0].device):
+                self._defer_batch(items)
+            else:
+                self._run(self._batch, items)
 
     def result(self) -> torch.Tensor:
         try:
             self.flush()
             while self._inflight:
                 self._inflight.popleft().result()
+            if self._betas:
+                self._finish_deferred()
             return torch.stack(self.grams)
         finally:
             self.close()
@@ -97,6 +128,47 @@ class GramPass:
         grams, redo = _batch_grams([it[1] for it in items], [it[2] for it in items], self.full)
         for (j, xs, base, key), g, again in zip(items, grams, redo):
             self.grams[j] = gram_matrix(xs, base, key=key, full=self.full) if again else g
+
+    # ---- deferred (GPU): nothing here waits for the device until _finish_deferred
+    def _defer_key(self, j, xs, base, key) -> None:
+        flat = [x.reshape(-1) for x in xs]
+        fb = base.reshape(-1) if base is not None else None
+        n, dev = len(xs), xs[0].device
+        cdt = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in xs + [base]) else torch.float32
+        numel = flat[0].numel()
+        if numel == 0:
+            beta = torch.zeros(n, n, dtype=torch.float64, device=dev)
+        else:
+            beta = _pivot_products(flat, fb if self.full else None, n, min(default_chunk(dev), numel), cdt, dev,
+                                   self.full)
+        base_bad = None
+        if base is not None and not self.full:  # the base cancels in the differences: look at it
+            readable = fb if fb.dtype in _BATCHABLE + (torch.float64,) else fb.to(cdt)  # fp8: no isfinite
+            base_bad = ~torch.isfinite(readable).all()
+        self._betas[j] = (beta, base_bad, key)
+
+    def _defer_batch(self, items) -> None:
+        betas, base_bad = _padded_batch_products([it[1] for it in items], [it[2] for it in items], self.full)
+        for k, (j, _, _, key) in enumerate(items):
+            self._betas[j] = (betas[k], None if base_bad is None else base_bad[k], key)
+
+    @fp32_matmul
+    def _finish_deferred(self) -> None:
+        order = sorted(self._betas)
+        beta = torch.stack([self._betas[j][0] for j in order])
+        flags = batch_flags(beta, self.full)
+        bases = [self._betas[j][1] for j in order]
+        if any(b is not None for b in bases):
+            flags |= torch.stack([b if b is not None else torch.zeros((), dtype=torch.bool, device=beta.device)
+                                  for b in bases])
+        redo = flags.tolist()  # the one host sync of the pass
+        g = _map_pivoted(beta, self.full)
+        for j, gj, again in zip(order, g.unbind(0), redo):
+            if again:
+                xs, base = self.reread(j)
+                gj = gram_matrix(xs, base, key=self._betas[j][2], full=self.full)
+            self.grams[j] = gj
+        self._betas.clear()
 
 
 def _batch_grams(groups, bases, full: bool):
@@ -127,18 +199,29 @@ def _batch_grams(groups, bases, full: bool):
     beta[:, r[ii], r[jj]] = sums.T
     beta[:, r[jj], r[ii]] = sums.T
     # the checks gram_matrix makes per key, for the whole batch in one host sync
-    d = beta.diagonal(dim1=1, dim2=2)
-    bad = ~torch.isfinite(beta).flatten(1).all(1)
+    flags = batch_flags(beta, full)
     if has_base and not full:  # the base cancels in the differences: look at it directly
         seg_bad = torch.zeros(k, dtype=torch.float64).index_add_(0, ids, (~torch.isfinite(b[n])).double())
-        bad |= seg_bad > 0
-    tiny = d.abs().amax(1) < TINY_GRAM
-    flags = bad | tiny
+        flags |= seg_bad > 0
+    return _map_pivoted(beta, full).unbind(0), flags.tolist()
+
+
+def batch_flags(beta: torch.Tensor, full: bool) -> torch.Tensor:
+    """(K,) bool: the keys whose pivoted Grams (K, N, N) gram_matrix's check would act on
+    (non-finite, largest diagonal below TINY_GRAM, and for norms a point near 0)."""
+    d = beta.diagonal(dim1=1, dim2=2)
+    flags = ~torch.isfinite(beta).flatten(1).all(1)
+    flags |= d.abs().amax(1) < TINY_GRAM
     if full:
         sq = torch.cat([d[:, :1], d[:, :1] + 2 * beta[:, 0, 1:] + d[:, 1:]], 1)
         top = sq.amax(1, keepdim=True)
         flags |= ((sq <= 1e-4 * top).any(1) & (top[:, 0] > 0))
-    t = pivot_map(n)
+    return flags
+
+
+def _map_pivoted(beta: torch.Tensor, full: bool) -> torch.Tensor:
+    """Pivoted Grams (K, N, N) -> augmented Grams (K, N+1, N+1) of [m, d], as gram_matrix maps one."""
+    t = pivot_map(beta.shape[-1], device=beta.device)
     g = t @ beta @ t.T
     if full:
         g[:, 0, 0].clamp_min_(0.0)
@@ -146,4 +229,67 @@ def _batch_grams(groups, bases, full: bool):
         g[:, 0, :] = 0.0
         g[:, :, 0] = 0.0
         g[:, 0, 0] = -1.0
-    return g.unbind(0), flags.tolist()
+    return g
+
+
+def _padded_batch_products(groups, bases, full: bool):
+    """Pivoted fp64 Grams (K, N, N) of K small keys at once, and (K,) 'base not finite' for the
+    centred kind with a base (else None), without a host sync. Each key starts at a multiple of
+    SUB_BLOCK and is padded with zeros to the next one (zeros add nothing to a product), so one
+    bmm forms every sub-block's products and a 0/1 matrix sums each key's sub-blocks in fp64."""
+    n, k = len(groups[0]), len(groups)
+    dev = groups[0][0].device
+    has_base = bases[0] is not None
+    lengths = [xs[0].numel() for xs in groups]
+    blocks = [-(-m // SUB_BLOCK) for m in lengths]
+    total = sum(blocks) * SUB_BLOCK
+    rows = n + (1 if has_base else 0)
+    b = torch.empty(rows, total, dtype=torch.float32, device=dev)
+    pads = {}
+
+    def padded(tensors):
+        out = []
+        for t, m, nb in zip(tensors, lengths, blocks):
+            out.append(t.reshape(-1))
+            if nb * SUB_BLOCK > m:
+                z = pads.get(t.dtype)
+                if z is None:
+                    z = pads[t.dtype] = torch.zeros(SUB_BLOCK, dtype=t.dtype, device=dev)
+                out.append(z[: nb * SUB_BLOCK - m])
+        return out
+
+    def gather(tensors, row):
+        parts = padded(tensors)
+        dtype = parts[0].dtype
+        if dtype == row.dtype or any(t.dtype != dtype for t in parts):
+            torch.cat(parts, out=row)
+        else:  # a cat that also converts copies tensor by tensor on CUDA: cat first, convert once
+            row.copy_(torch.cat(parts))
+
+    for i in range(n):
+        gather([xs[i] for xs in groups], b[i])
+    if has_base:
+        gather(bases, b[n])
+    b[1:n].sub_(b[0])
+    if full and has_base:
+        b[0].sub_(b[n])
+    first = 0 if full else 1
+    r = n - first
+    s = total // SUB_BLOCK
+    v = b[first:n].view(r, s, SUB_BLOCK).transpose(0, 1)
+    parts = torch.bmm(v, v.transpose(1, 2)).reshape(s, r * r).to(torch.float64)
+    # which key owns each sub-block; non_blocking: a small pageable copy that does not wait for the GPU
+    owner = torch.repeat_interleave(torch.arange(k), torch.tensor(blocks)).to(dev, non_blocking=True)
+    select = (owner[None, :] == torch.arange(k, device=dev)[:, None]).to(torch.float64)  # (K, S) 0/1
+    # 0 * Inf is NaN: a key's non-finite products must not reach the other keys' sums
+    finite = torch.isfinite(parts)
+    sums = (select @ torch.where(finite, parts, 0.0)).view(k, r, r)
+    hit = (select @ (~finite).to(torch.float64)) > 0  # (K, R*R): where a key's own products were not
+    sums = sums.masked_fill(hit.view(k, r, r), float("nan"))
+    beta = torch.zeros(k, n, n, dtype=torch.float64, device=dev)
+    beta[:, first:, first:] = (sums + sums.transpose(1, 2)) / 2
+    base_bad = None
+    if has_base and not full:
+        nonfinite = (~torch.isfinite(b[n])).view(s, SUB_BLOCK).sum(1, dtype=torch.float64)
+        base_bad = (select @ nonfinite) > 0
+    return beta, base_bad

@@ -106,3 +106,104 @@ def test_threads_raise_the_same_error_as_one_thread():
             _pass(keys, True, workers=workers)
         messages.append(str(e.value))
     assert messages[0] == messages[1]
+
+
+# --- the deferred pass (what the engine runs on a GPU): no host sync until result() ----------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
+
+
+def _deferred(keys, full, device):
+    on = [([x.to(device) for x in xs], None if b is None else b.to(device)) for xs, b in keys]
+    reads = []
+
+    def reread(j):
+        reads.append(j)
+        return on[j]
+
+    gp = GramPass(len(on), full=full, reread=reread, deferred=True if device == "cpu" else None)
+    for j, (xs, b) in enumerate(on):
+        gp.add(j, xs, b, f"k{j}")
+    return gp.result().cpu(), reads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("base", [False, True])
+def test_deferred_pass_gives_gram_matrix(device, dtype, full, base):
+    keys = _keys(3, dtype, seed=11, base=base)
+    got, reads = _deferred(keys, full, device)
+    # cuBLAS sums a sub-block's fp32 products in another order than the CPU: ~1e-6 apart
+    tol = 1e-6 if device == "cpu" else 4e-6
+    for j, (xs, b) in enumerate(keys):
+        ref = gram_matrix(xs, b, full=full)  # on the CPU
+        # keys gram_matrix's check acts on are read again (fp8 rounds some tiny keys' inputs equal)
+        assert j not in reads or dtype == torch.float8_e4m3fn, j
+        assert _rel(got[j][1:, 1:], ref[1:, 1:]) < tol, j
+        assert _rel(got[j], ref) < tol, j
+        if not full:
+            assert bool((got[j][0] == ref[0]).all())
+    again, _ = _deferred(keys, full, device)
+    assert torch.equal(got, again), "same inputs, same device: the same bits"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_pass_exact_cases(device):
+    keys = _keys(3, torch.float16)
+    same = [([xs[0]] * 3, None) for xs, _ in keys]
+    got, _ = _deferred(same, False, device)
+    assert bool((got[:, 1:, 1:] == 0).all()), "identical inputs must give an exactly zero centred block"
+    zero = [([xs[0].float(), torch.zeros_like(xs[1]).float(), xs[2].float()], None) for xs, _ in keys]
+    got, reads = _deferred(zero, True, device)
+    assert reads == list(range(len(keys))), "every key with a zero point is flagged and read again"
+    for j, (xs, b) in enumerate(zero):
+        assert torch.equal(got[j], gram_matrix([x.to(device) for x in xs], b, full=True).cpu()), j
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("where,j", [("model", 3), ("model", 9), ("base", 3), ("base", 9)])
+def test_deferred_pass_names_nonfinite(device, full, where, j):
+    keys = _keys(3, torch.float16, base=True)
+    xs, b = keys[j]
+    if where == "model":
+        xs[1] = xs[1].clone()
+        xs[1][2] = float("nan")
+        needle = "model_2 contains NaN"
+    else:
+        b = b.clone()
+        b[0] = float("inf")
+        needle = "base_model contains Inf"
+    keys[j] = (xs, b)
+    with pytest.raises(MergeInputError, match=f"'k{j}': {needle}"):
+        _deferred(keys, full, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_pass_rescales_extreme_magnitudes(device):
+    keys = _keys(3, torch.float32, seed=3)
+    for j, scale in ((2, 2.0 ** 70), (9, 2.0 ** -80)):  # fp32 products overflow / underflow
+        keys[j] = ([x * scale for x in keys[j][0]], None)
+    got, reads = _deferred(keys, True, device)
+    assert reads == [2, 9]
+    for j in (2, 9):
+        xs = [x.double() for x in keys[j][0]]
+        ref = gram_matrix(xs, None, full=True)  # fp64 inputs: computed in fp64
+        assert _rel(got[j], ref) < (1e-6 if device == "cpu" else 4e-6), j
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_deferred_pass_ignores_a_host_tf32_setting():
+    keys = _keys(3, torch.float32, seed=5)
+    flags = torch.backends.cuda.matmul
+    old = flags.allow_tf32
+    flags.allow_tf32 = True  # what a host may set globally: 10-bit mantissas in matmuls
+    try:
+        got, _ = _deferred(keys, True, "cuda")
+        assert flags.allow_tf32, "the caller's setting is restored"
+    finally:
+        flags.allow_tf32 = old
+    for j, (xs, b) in enumerate(keys):
+        assert _rel(got[j], gram_matrix(xs, b, full=True)) < 4e-6, j
