@@ -22,7 +22,7 @@ import torch
 from ..kernels import fused as fused_kernels
 from ..kernels import (GramPass, MergeInputError, block_of, pairwise_distances, parse_weights, resolve,
                        scope_units, solve, task_vector_coefficients)
-from . import gram_cache, host_api
+from . import gram_cache, host_api, staging
 from .sources import Source
 
 
@@ -110,14 +110,16 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
             grams = gram_cache.lookup(cached)
             report["gram"] = "reused" if grams is not None else "computed"
             if grams is None:
-                grams = _gram_pass(sources, base, keys, dev, full=full)
+                # the (K, N+1, N+1) Grams are a few KB: the solvers run on the CPU (hundreds of tiny
+                # steps: a GPU would spend them on launches and syncs)
+                grams = _gram_pass(sources, base, keys, dev, full=full).cpu()
                 gram_cache.store(cached, grams)
             else:
                 host_api.Progress(1)(1)
             t_read = time.perf_counter()
-            unit_grams = torch.zeros((len(unit_names),) + grams.shape[1:], dtype=grams.dtype, device=grams.device)
-            unit_grams.index_add_(0, unit_ids.to(grams.device), grams)
-            sol = solve(method, unit_grams, w.to(unit_grams.device), **params)
+            unit_grams = torch.zeros((len(unit_names),) + grams.shape[1:], dtype=grams.dtype)
+            unit_grams.index_add_(0, unit_ids, grams)
+            sol = solve(method, unit_grams, w, **params)
             coeffs, record = sol.coeffs, sol.record
             report["timing"] = {"read_s": t_read - t0, "solve_s": time.perf_counter() - t_read}
             if dev.type == "cpu":
@@ -163,10 +165,23 @@ def _units(keys: list[str], scope: str):
     return unit_ids, names
 
 
-def _read_all(sources, base, key, dev):
-    xs = [s.read(key, dev) for s in sources]
-    b = base.read(key, dev) if base is not None else None
-    return xs, b
+def _read_all(sources, base, key, dev, move=None):
+    return next(_read_keys(sources, base, [key], dev, move))[1:]
+
+
+def _read_keys(sources, base, keys, dev, move=None):
+    """(j, xs, base) for each key in order: the effective weights on `dev`; onto a GPU the stored
+    tensors of consecutive keys travel together through the pinned ring (staging.moved_groups)."""
+    inputs = sources + ([base] if base is not None else [])
+    n = len(sources)
+    if move is None:
+        for j, key in enumerate(keys):
+            xs = [s.read(key, dev) for s in inputs]
+            yield j, xs[:n], xs[n] if base is not None else None
+        return
+    for j, moved in staging.moved_groups([[s.stored(k) for s in inputs] for k in keys], move):
+        xs = [s.read(keys[j], dev, m) for s, m in zip(inputs, moved)]
+        yield j, xs[:n], xs[n] if base is not None else None
 
 
 def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
@@ -178,12 +193,15 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     # one of them already reads at memory speed: one thread when they take these inputs
     fused = fused_kernels.enabled() and len(sources) <= fused_kernels.MAX_INPUTS
     workers = host_api.cpu_workers() if dev.type == "cpu" and not fused else 1
-    grams = GramPass(len(keys), full=full, workers=workers)
+    move = staging.mover(dev)
+    # on a GPU the pass queues work without waiting for it; the checks run at the end, and a key
+    # they flag is read again (reread) to be named or recomputed
+    grams = GramPass(len(keys), full=full, workers=workers,
+                     reread=lambda j: _read_all(sources, base, keys[j], dev, move))
     with host_api.cpu_threads(1 if dev.type == "cpu" else None):
         try:
-            for j, key in enumerate(keys):
-                xs, b = _read_all(sources, base, key, dev)
-                grams.add(j, xs, b, key)
+            for j, xs, b in _read_keys(sources, base, keys, dev, move):
+                grams.add(j, xs, b, keys[j])
                 progress(j + 1)  # may raise: ComfyUI's Cancel
             return grams.result()
         finally:
@@ -235,8 +253,9 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
     out_device = torch.device("cpu")
     units = []
     patches = {}
-    for j, key in enumerate(keys):
-        xs, b = _read_all(sources, base, key, dev)
+    move = staging.mover(dev)
+    for j, xs, b in _read_keys(sources, base, keys, dev, move):
+        key = keys[j]
         result, record = info.merge_tensors(xs, base=b, weights=w.to(dev), strength=strength, key=key,
                                             **params)
         patches[key] = (result.to(dtype=sources[0].stored(key).dtype).to(out_device),)

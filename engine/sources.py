@@ -34,14 +34,20 @@ class Source:
     def has_patches(self, key: str) -> bool:
         return len(self.entries[key]) > 1
 
-    def read(self, key: str, device: torch.device) -> torch.Tensor:
-        """Effective weight of `key` on `device`. Read-only: may alias the model's own tensor."""
+    def read(self, key: str, device: torch.device, moved: torch.Tensor | None = None) -> torch.Tensor:
+        """Effective weight of `key` on `device`. Read-only: may alias the model's own tensor.
+        moved: the stored tensor already copied to `device` (engine/staging.py), a copy of ours."""
         entry = self.entries[key]
         first = entry[0]
         weight, convert = (first if isinstance(first, tuple) else (first, None))
-        if convert is None and len(entry) == 1:
+        if moved is not None and moved is not weight:
+            if convert is None and len(entry) == 1:
+                return moved
+            w = moved.to(torch.float32)
+        elif convert is None and len(entry) == 1:
             return weight if weight.device == device else weight.to(device, non_blocking=True)
-        w = weight.to(device=device, dtype=torch.float32, copy=True)
+        else:
+            w = weight.to(device=device, dtype=torch.float32, copy=True)
         if convert is not None:
             w = convert(w, inplace=True)
         if len(entry) > 1:

@@ -73,3 +73,37 @@ def test_missing_peer_fails_in_ci_and_skips_locally(monkeypatch):
     monkeypatch.setattr(kconf, "IN_CI", False)
     with pytest.raises(pytest.skip.Exception, match="no .venv-peers"):
         kconf.missing_peer("no .venv-peers")
+
+
+def _staging():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "engine" / "staging.py"  # torch only, no ComfyUI
+    spec = importlib.util.spec_from_file_location("barycenter_staging", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_no_pinned_mover_for_the_cpu():
+    assert _staging().mover(torch.device("cpu")) is None
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_pinned_mover_copies_every_byte():
+    staging = _staging()
+    move = staging.mover(torch.device("cuda"))
+    assert move is not None
+    g = torch.Generator().manual_seed(1)
+    big = staging.PIECE // 2 * 5 + 3  # fp16 elements: 2.5 pieces and a bit
+    tensors = [torch.randn(big, generator=g).half(), torch.randn(()), torch.randn(7, 5, generator=g).bfloat16(),
+               torch.randn(3000, generator=g).to(torch.float8_e4m3fn), torch.randn(64, 64, generator=g).T,
+               torch.randn(staging.PIECE // 4, generator=g)]
+    tensors = tensors * 3  # the ring wraps around several times while earlier copies may be in flight
+    moved = [move(t) for t in tensors] + move.many(tensors)  # one by one, then packed into pieces
+    for t, m in zip(tensors + tensors, moved):
+        assert m.device.type == "cuda" and m.dtype == t.dtype and m.shape == t.shape
+        assert torch.equal(m.cpu().view(torch.uint8) if t.dtype == torch.float8_e4m3fn else m.cpu(),
+                           t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t)
