@@ -97,14 +97,17 @@ def write_extra_paths(run_dir: Path, checkpoint_dirs: list[Path], lora_dirs: lis
 
 
 def import_in_process(host: Host | None = None):
-    """Make the host's `comfy` package importable in this process (CPU), for in-process tests."""
+    """Make the host's `comfy` package importable in this process, for in-process tests: on CPU,
+    unless BARYCENTER_COMFY_GPU=1 (harness.server.gpu_host)."""
     host = host or ensure_host()
     tree = str(host.tree)
     if tree not in sys.path:
         sys.path.insert(0, tree)
     import comfy.cli_args  # noqa: E402
 
-    comfy.cli_args.args.cpu = True
+    from .server import gpu_host
+
+    comfy.cli_args.args.cpu = not gpu_host()
     return host
 
 

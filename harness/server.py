@@ -1,4 +1,7 @@
-"""Start a real ComfyUI (`main.py --cpu`) on a free loopback port, with the pack registered."""
+"""Start a real ComfyUI on a free loopback port, with the pack registered.
+
+On CPU (`main.py --cpu`) unless BARYCENTER_COMFY_GPU=1: then ComfyUI picks its own device (CUDA
+on a GPU machine), and the host tests and benchmarks run the merge on it."""
 from __future__ import annotations
 
 import os
@@ -12,6 +15,14 @@ from pathlib import Path
 from .client import ComfyClient
 from .host import Host, ensure_host, write_extra_paths
 from .paths import CACHE, VENV_PYTHON
+
+
+GPU_ENV = "BARYCENTER_COMFY_GPU"
+
+
+def gpu_host() -> bool:
+    """True when the harness runs ComfyUI on its own device choice instead of --cpu."""
+    return os.environ.get(GPU_ENV, "0") == "1"
 
 
 def free_port() -> int:
@@ -49,7 +60,7 @@ class ComfyServer:
         yaml = write_extra_paths(self.run_dir, self.checkpoint_dirs, self.lora_dirs)
         self.port = free_port()
         python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-        args = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        args = [python, "main.py", *([] if gpu_host() else ["--cpu"]), "--listen", "127.0.0.1", "--port", str(self.port),
                 "--output-directory", str(self.output_dir), "--input-directory", str(self.run_dir / "input"),
                 "--temp-directory", str(self.run_dir / "temp"), "--extra-model-paths-config", str(yaml),
                 "--disable-auto-launch"]

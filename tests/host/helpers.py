@@ -57,6 +57,18 @@ def assert_close_to(saved: torch.Tensor, exact: torch.Tensor, key: str, ulps: fl
                                  f"max err {float(err.max()):.3g}, max |x| {float(exact.abs().max()):.3g}")
 
 
+def storage_rounding(saved: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Bound on the roundings to the dtype ComfyUI saved in: 0 for fp32 (a CPU host computes and
+    saves fp32). On a GPU ComfyUI keeps the UNet in fp16 (from fp32 files too): the merged value
+    is rounded (half an ulp of `exact`), and so were its inputs when they were loaded (half an
+    ulp of each term: `scale` = Σ|a_i||x_i|); the subnormal spacing is the floor near zero."""
+    if saved.dtype in (torch.float32, torch.float64):
+        return torch.zeros((), dtype=torch.float64)
+    info = torch.finfo(saved.dtype)
+    inputs = 0.0 if scale is None else 0.5 * info.eps * scale
+    return 0.5 * info.eps * exact.abs() + inputs + info.smallest_normal * info.eps
+
+
 def tensors_hash(sd: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(sd):

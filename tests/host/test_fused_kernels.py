@@ -31,7 +31,8 @@ def test_fused_kernels_in_comfyui_equal_the_kernel_result(fused_server, node):
     assert max(t.numel() for t in xs[0].values()) >= 1 << 20, "no key large enough for the fused kernel"
     g = Graph()
     loaders = [load_checkpoint(g, n) for n in names]
-    merged = merge_node(g, node, [Graph.out(l, 0) for l in loaders], **settings)
+    # device cpu: the fused kernels are CPU kernels (a GPU host would otherwise merge on its GPU)
+    merged = merge_node(g, node, [Graph.out(l, 0) for l in loaders], **settings, device="cpu")
     report_id = capture(g, merged)
     prefix = f"checkpoints/fused_{node}"
     g.add("CheckpointSave", model=Graph.out(merged, 0), clip=Graph.out(loaders[0], 1),
