@@ -2,15 +2,15 @@
 
     .venv/bin/python -m bench.bench_host [--arch sd15 sd15_full] [--repeats 3]
 
-1. Through the HTTP API (a real ComfyUI, CPU): time from POST /prompt to the KSampler's first
+1. Through the HTTP API (a real ComfyUI: CPU, or its own device with BARYCENTER_COMFY_GPU=1): time from POST /prompt to the KSampler's first
    progress event, for the geometric median of 3 models vs a chain of two ModelMergeSimple on the
    same 3 models (the loaders are warm in both; each timed prompt changes one merge setting so the
    merge really runs). Ratio = GM / chain (goal <= 1.3). With the Gram cache on (the default) the
    re-queued GM reuses its Grams (only the solve runs: a mixer changing a weight); with
    --gram-cache off every GM prompt reads the inputs again (a merge of new inputs).
 2. In-process (ComfyUI imported, models loaded as the host loads them): the merge node's time vs
-   one read of the 3 inputs' weights (every key of every input converted to fp32 once: the floor
-   of any merge that reads them); goal <= 1.25 for GM and Karcher. Peak extra RSS of the merge vs
+   one read of the 3 inputs' weights (every key of every input converted to fp32 once, on the
+   merge's device: the floor of any merge that reads them); goal <= 1.25 for GM and Karcher. Peak extra RSS of the merge vs
    the size of one model (goal <= 5% for linear results).
 Prints one table; every ratio is measured in this run.
 """
@@ -138,7 +138,12 @@ def inprocess_section(arch, repeats, kernels="eager"):
     from harness.host import import_in_process
 
     import_in_process()
+    import comfy.model_management
     import comfy.sd
+    from harness.server import gpu_host
+
+    gpu = gpu_host()
+    read_device = comfy.model_management.get_torch_device() if gpu else torch.device("cpu")
 
     spec = importlib.util.spec_from_file_location("barycenter_pack", ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
@@ -157,7 +162,18 @@ def inprocess_section(arch, repeats, kernels="eager"):
         def one_read():
             for m in models:
                 for t in m.model.diffusion_model.state_dict().values():
-                    t.to(torch.float32, copy=True)
+                    t.to(device=read_device, dtype=torch.float32, copy=True)
+            if gpu:
+                torch.cuda.synchronize()
+
+        def one_read_pinned():  # the engine's own way onto a GPU (engine/staging.py)
+            staging = pack.engine.staging
+            move = staging.mover(read_device)
+            for m in models:
+                for _, (t,) in staging.moved_groups([[t] for t in m.model.diffusion_model.state_dict().values()],
+                                                    move):
+                    t.float()
+            torch.cuda.synchronize()
 
         def one_read_1_thread():  # the engine's CPU Gram pass runs on one thread
             old = torch.get_num_threads()
@@ -169,11 +185,12 @@ def inprocess_section(arch, repeats, kernels="eager"):
 
         def node(cls, **kw):
             return lambda: nodes[cls]().merge(model_1=models[0], model_2=models[1], model_3=models[2],
-                                             weights="", device="cpu", **kw)
+                                             weights="", device="auto" if gpu else "cpu", **kw)
 
         cases = {
             "one read, all threads": one_read,
             "one read, 1 thread": one_read_1_thread,
+            **({"one read, through pinned buffers": one_read_pinned} if gpu else {}),
             "GM tensor": node("BarycenterGeometricMedian", tolerance=1e-7, **SOLVER),
             "GM block": node("BarycenterGeometricMedian", tolerance=1e-7, **{**SOLVER, "scope": "block"}),
             "GM model": node("BarycenterGeometricMedian", tolerance=1e-7, **{**SOLVER, "scope": "model"}),
@@ -182,17 +199,22 @@ def inprocess_section(arch, repeats, kernels="eager"):
         }
         for name, fn in cases.items():
             fn()  # warm
-            times, extras = [], []
+            times, extras, vram = [], [], []
             for _ in range(repeats):
                 gc.collect()
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                    vram0 = torch.cuda.memory_allocated()
                 with PeakRSS() as p:
                     t = time.perf_counter()
                     result = fn()
                     times.append(time.perf_counter() - t)
                 del result
                 extras.append(p.extra)
-            out[name] = (min(times), max(extras))
-    return out, one_model, params
+                if gpu:
+                    vram.append(torch.cuda.max_memory_allocated() - vram0)
+            out[name] = (min(times), max(extras), max(vram) if vram else None)
+    return out, one_model, params, str(read_device)
 
 
 def main(argv=None) -> int:
@@ -219,13 +241,16 @@ def main(argv=None) -> int:
             print(f"| GeometricMedian of 3 (tensor) | {q['gm']:.3f} | {q['gm'] / q['chain']:.2f} |")
             print(f"| first: 2x ModelMergeSimple / GM | {q['first chain']:.3f} / {q['first gm']:.3f} | "
                   f"{q['first gm'] / q['first chain']:.2f} |")
-        res, one_model, params = inprocess_section(arch, args.repeats, args.kernels[0])
-        floor = min(res["one read, all threads"][0], res["one read, 1 thread"][0])
-        print(f"\n## {arch}: node time and peak extra RAM, in-process, CPU, {args.kernels[0]} kernels "
+        res, one_model, params, device = inprocess_section(arch, args.repeats, args.kernels[0])
+        floor = min(t for name, (t, _, _) in res.items() if name.startswith("one read"))
+        where = f"merge on {device}" if device != "cpu" else f"CPU, {args.kernels[0]} kernels"
+        print(f"\n## {arch}: node time and peak extra RAM, in-process, {where} "
               f"({params / 1e6:.1f}M params, one model {one_model / 2**20:.0f} MiB as loaded)")
-        print("| case | seconds | ratio to the faster read | peak extra RSS | / one model |\n|---|---|---|---|---|")
-        for name, (t, extra) in res.items():
-            print(f"| {name} | {t:.3f} | {t / floor:.2f} | {extra / 2**20:.1f} MiB | {100 * extra / one_model:.1f}% |")
+        print("| case | seconds | ratio to the faster read | peak extra RSS | / one model | peak extra VRAM |\n"
+              "|---|---|---|---|---|---|")
+        for name, (t, extra, vram) in res.items():
+            v = "" if vram is None else f"{vram / 2**20:.1f} MiB"
+            print(f"| {name} | {t:.3f} | {t / floor:.2f} | {extra / 2**20:.1f} MiB | {100 * extra / one_model:.1f}% | {v} |")
     return 0
 
 

@@ -229,10 +229,10 @@ def host_sections(table, archs, rounds):
             table.add(section, f"queue → first step: GeometricMedian of 3 ({what})", q["gm"], q["gm"] / q["chain"],
                       note="ratio to the ModelMergeSimple chain")
     arch = archs[-1]
-    res, one_model, params = bench_host.inprocess_section(arch, rounds)
+    res, one_model, params, _ = bench_host.inprocess_section(arch, rounds)
     floor = min(res["one read, all threads"][0], res["one read, 1 thread"][0])
     section = f"ComfyUI process, {arch} ({params / 1e6:.0f}M params, {one_model / MiB:.0f} MiB a model)"
-    for name, (s, extra) in res.items():
+    for name, (s, extra, _) in res.items():
         table.add(section, name, s, s / floor, None, _ram(extra),
                   "floor: one read of the 3 models" if name.startswith("one read") else "")
 
