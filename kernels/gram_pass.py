@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .gram import (CPU_CHUNK, SUB_BLOCK, TINY_GRAM, _pivot_products, default_chunk, fp32_matmul, gram_matrix,
-                   pivot_map)
+from .gram import (CPU_CHUNK, SUB_BLOCK, TINY_GRAM, _pivot_products, compute_dtype, default_chunk, fp32_matmul,
+                   gram_matrix, pivot_map)
 
 SMALL_KEY = 1 << 16
 DEVICE_BATCH = 1 << 22  # elements of small keys per batch on a GPU (a 4-row fp32 batch: 64 MiB)
@@ -134,7 +134,7 @@ class GramPass:
         flat = [x.reshape(-1) for x in xs]
         fb = base.reshape(-1) if base is not None else None
         n, dev = len(xs), xs[0].device
-        cdt = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in xs + [base]) else torch.float32
+        cdt = compute_dtype(*xs, base)
         numel = flat[0].numel()
         if numel == 0:
             beta = torch.zeros(n, n, dtype=torch.float64, device=dev)
