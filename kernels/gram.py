@@ -131,39 +131,47 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
     n = len(xs)
     if n == 0:
         raise MergeInputError(f"key '{key}': no input tensors")
+    beta = pivoted_products(xs, base, full=full, chunk_elems=chunk_elems)
+    if check and xs[0].numel():
+        beta = _checked(beta, xs, base, key, norms=full,
+                        redo=lambda e: pivoted_products(xs, base, full=full, chunk_elems=chunk_elems, exp2=e))
+    return map_pivoted(beta, full)
+
+
+def pivoted_products(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *, full: bool = True,
+                     chunk_elems: int | None = None, exp2: int = 0) -> torch.Tensor:
+    """The pivoted fp64 Gram beta (N, N) of one key, on xs[0].device, before any check or map:
+    the fused CPU kernel where it applies, else the chunked products (module docstring)."""
+    n = len(xs)
     dev = xs[0].device
-    cdt = compute_dtype(*xs, base)
     numel = xs[0].numel()
     if numel == 0:
-        g = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=dev)
-        if not full:
-            g[0, 0] = -1.0
-        return g
+        return torch.zeros(n, n, dtype=torch.float64, device=dev)
+    cdt = compute_dtype(*xs, base)
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
     flat = [x.reshape(-1) for x in xs]
     fb = base.reshape(-1) if base is not None else None
+    if exp2 == 0 and (fb is None or not full) and fused.applicable(flat, numel):
+        done = fused.fused_products(flat, numel, full)
+        if done is not None:
+            beta, m = done
+            if m < numel:
+                beta += _pivot_products([x[m:] for x in flat], None, n, chunk, cdt, dev, full)
+            return beta
+    return _pivot_products(flat, fb, n, chunk, cdt, dev, full, exp2)
 
-    def products(exp2: int = 0) -> torch.Tensor:
-        if exp2 == 0 and (fb is None or not full) and fused.applicable(flat, numel):
-            done = fused.fused_products(flat, numel, full)
-            if done is not None:
-                beta, m = done
-                if m < numel:
-                    beta += _pivot_products([x[m:] for x in flat], None, n, chunk, cdt, dev, full)
-                return beta
-        return _pivot_products(flat, fb, n, chunk, cdt, dev, full, exp2)
 
-    beta = products()
-    if check:
-        beta = _checked(beta, xs, base, key, norms=full, redo=products)
-    t = pivot_map(n, device=dev)
+def map_pivoted(beta: torch.Tensor, full: bool) -> torch.Tensor:
+    """Pivoted Grams (..., N, N) -> augmented Grams (..., N+1, N+1) of [m, d]. full=False keeps
+    only the centred block and writes the marker (G[0, 0] = -1, G[0, i] = G[i, 0] = 0)."""
+    t = pivot_map(beta.shape[-1], device=beta.device)
     g = t @ beta @ t.T
     if full:  # ‖m‖^2 >= 0; rounding must not make it negative (the full=False marker)
-        g[0, 0] = g[0, 0].clamp_min(0.0)
+        g[..., 0, 0].clamp_min_(0.0)
     else:
-        g[0, :] = 0.0
-        g[:, 0] = 0.0
-        g[0, 0] = -1.0
+        g[..., 0, :] = 0.0
+        g[..., :, 0] = 0.0
+        g[..., 0, 0] = -1.0
     return g
 
 

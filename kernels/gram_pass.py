@@ -30,8 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .gram import (CPU_CHUNK, SUB_BLOCK, TINY_GRAM, _pivot_products, compute_dtype, default_chunk, fp32_matmul,
-                   gram_matrix, pivot_map)
+from .gram import CPU_CHUNK, SUB_BLOCK, TINY_GRAM, fp32_matmul, gram_matrix, map_pivoted, pivoted_products
 
 SMALL_KEY = 1 << 16
 DEVICE_BATCH = 1 << 22  # elements of small keys per batch on a GPU (a 4-row fp32 batch: 64 MiB)
@@ -131,19 +130,10 @@ class GramPass:
 
     # ---- deferred (GPU): nothing here waits for the device until _finish_deferred
     def _defer_key(self, j, xs, base, key) -> None:
-        flat = [x.reshape(-1) for x in xs]
-        fb = base.reshape(-1) if base is not None else None
-        n, dev = len(xs), xs[0].device
-        cdt = compute_dtype(*xs, base)
-        numel = flat[0].numel()
-        if numel == 0:
-            beta = torch.zeros(n, n, dtype=torch.float64, device=dev)
-        else:
-            beta = _pivot_products(flat, fb if self.full else None, n, min(default_chunk(dev), numel), cdt, dev,
-                                   self.full)
+        beta = pivoted_products(xs, base, full=self.full)
         base_bad = None
         if base is not None and not self.full:  # the base cancels in the differences: look at it
-            readable = fb if fb.dtype in _BATCHABLE + (torch.float64,) else fb.to(cdt)  # fp8: no isfinite
+            readable = base if base.dtype in _BATCHABLE + (torch.float64,) else base.float()  # fp8: no isfinite
             base_bad = ~torch.isfinite(readable).all()
         self._betas[j] = (beta, base_bad, key)
 
@@ -162,7 +152,7 @@ class GramPass:
             flags |= torch.stack([b if b is not None else torch.zeros((), dtype=torch.bool, device=beta.device)
                                   for b in bases])
         redo = flags.tolist()  # the one host sync of the pass
-        g = _map_pivoted(beta, self.full)
+        g = map_pivoted(beta, self.full)
         for j, gj, again in zip(order, g.unbind(0), redo):
             if again:
                 xs, base = self.reread(j)
@@ -203,7 +193,7 @@ def _batch_grams(groups, bases, full: bool):
     if has_base and not full:  # the base cancels in the differences: look at it directly
         seg_bad = torch.zeros(k, dtype=torch.float64).index_add_(0, ids, (~torch.isfinite(b[n])).double())
         flags |= seg_bad > 0
-    return _map_pivoted(beta, full).unbind(0), flags.tolist()
+    return map_pivoted(beta, full).unbind(0), flags.tolist()
 
 
 def batch_flags(beta: torch.Tensor, full: bool) -> torch.Tensor:
@@ -217,19 +207,6 @@ def batch_flags(beta: torch.Tensor, full: bool) -> torch.Tensor:
         top = sq.amax(1, keepdim=True)
         flags |= ((sq <= 1e-4 * top).any(1) & (top[:, 0] > 0))
     return flags
-
-
-def _map_pivoted(beta: torch.Tensor, full: bool) -> torch.Tensor:
-    """Pivoted Grams (K, N, N) -> augmented Grams (K, N+1, N+1) of [m, d], as gram_matrix maps one."""
-    t = pivot_map(beta.shape[-1], device=beta.device)
-    g = t @ beta @ t.T
-    if full:
-        g[:, 0, 0].clamp_min_(0.0)
-    else:
-        g[:, 0, :] = 0.0
-        g[:, :, 0] = 0.0
-        g[:, 0, 0] = -1.0
-    return g
 
 
 def _padded_batch_products(groups, bases, full: bool):

@@ -68,19 +68,25 @@ def test_zero_point_made_exact_like_gram_matrix():
 @pytest.mark.parametrize("where", ["model", "base"])
 def test_nonfinite_small_key_named(full, where):
     keys = _keys(3, torch.float16, base=True)
-    xs, b = keys[3]
-    assert xs[0].numel() <= SMALL_KEY
+    assert keys[3][0][0].numel() <= SMALL_KEY
+    needle = _poison(keys, 3, where).split()[0]
+    with pytest.raises(MergeInputError, match=f"k3.*{needle}|{needle}.*k3"):
+        _pass(keys, full)
+
+
+def _poison(keys, j, where) -> str:
+    """A NaN into model_2's tensor of key j, or an Inf into its base; the message it must give."""
+    xs, b = keys[j]
     if where == "model":
         xs[1] = xs[1].clone()
         xs[1][2] = float("nan")
-        needle = "model_2"
+        needle = "model_2 contains NaN"
     else:
         b = b.clone()
         b[0] = float("inf")
-        needle = "base_model"
-    keys[3] = (xs, b)
-    with pytest.raises(MergeInputError, match=f"k3.*{needle}|{needle}.*k3"):
-        _pass(keys, full)
+        needle = "base_model contains Inf"
+    keys[j] = (xs, b)
+    return needle
 
 
 @pytest.mark.parametrize("full", [True, False])
@@ -166,16 +172,7 @@ def test_deferred_pass_exact_cases(device):
 @pytest.mark.parametrize("where,j", [("model", 3), ("model", 9), ("base", 3), ("base", 9)])
 def test_deferred_pass_names_nonfinite(device, full, where, j):
     keys = _keys(3, torch.float16, base=True)
-    xs, b = keys[j]
-    if where == "model":
-        xs[1] = xs[1].clone()
-        xs[1][2] = float("nan")
-        needle = "model_2 contains NaN"
-    else:
-        b = b.clone()
-        b[0] = float("inf")
-        needle = "base_model contains Inf"
-    keys[j] = (xs, b)
+    needle = _poison(keys, j, where)
     with pytest.raises(MergeInputError, match=f"'k{j}': {needle}"):
         _deferred(keys, full, device)
 
