@@ -1,12 +1,17 @@
-"""Host-to-GPU copies of input weights through pinned buffers.
+"""Host-to-GPU copies of input weights through pinned buffers, on a copy stream of their own.
 
 ComfyUI keeps a model it has not loaded in ordinary (pageable) host memory, and a copy from there
 is staged by the driver synchronously: ~8 GB/s on an H100 machine against ~55 GB/s from pinned
 memory (bench/bench_cuda.py measures both). The mover copies each tensor on the CPU into one of
 a ring of pinned buffers and queues the pinned-to-GPU copy without waiting: the next piece is
 copied on the CPU while the previous one crosses the bus. A buffer is reused only after the
-event recorded behind its last copy has passed. The device tensor it returns is a new tensor,
-ready in stream order for whatever the caller queues next.
+event recorded behind its last copy has passed.
+
+The copies run on a stream of their own, so the bus works while the caller's stream computes on
+earlier pieces (on one stream each copy waited for the Gram products queued before it). The
+caller's stream waits for the copy's event before anything it queues next, and each device tensor
+is allocated on the copy stream and marked as used by the caller's stream (record_stream), so the
+caching allocator never hands its memory out while either stream may still use it.
 """
 from __future__ import annotations
 
@@ -21,14 +26,21 @@ _lock = threading.Lock()
 
 
 class _Ring:
-    """The process's pinned buffers (64 MiB, made on first use) and the event behind each one's
-    last copy: shared by every Mover, so no buffer is overwritten while a copy still reads it,
-    whichever merge queued that copy (a cancelled one too)."""
+    """The process's pinned buffers (64 MiB, made on first use), the event behind each one's
+    last copy, and a copy stream per device: shared by every Mover, so no buffer is overwritten
+    while a copy still reads it, whichever merge queued that copy (a cancelled one too)."""
 
     def __init__(self):
         self.buffers = [torch.empty(PIECE, dtype=torch.uint8, pin_memory=True) for _ in range(PIECES)]
         self.events: list[torch.cuda.Event | None] = [None] * PIECES
         self.next = 0
+        self.streams: dict[int, torch.cuda.Stream] = {}
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self.streams:
+            self.streams[index] = torch.cuda.Stream(device=index)
+        return self.streams[index]
 
 
 _ring: _Ring | None = None
@@ -43,11 +55,14 @@ def _the_ring() -> _Ring:
 
 
 class Mover:
-    """mover(t) -> t on the GPU `device` (t itself when already there)."""
+    """mover(t) -> t on the GPU `device` (t itself when already there), ready in the order of the
+    stream that is current when it is called."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.ring = _the_ring()
+        with _lock:
+            self.copy_stream = self.ring.stream(self.device)
 
     def many(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Move several tensors, packing the small ones into shared pieces: one CPU copy each but
@@ -60,7 +75,12 @@ class Mover:
         def flush():
             nonlocal group, used
             if group:
-                self._piece(tensors, group, used, out)
+                dev_buf = self._empty(used)
+                sources = [(tensors[j].reshape(-1).view(torch.uint8), a) for j, a in group]
+                self._send(sources, used, dev_buf)
+                for j, a in group:
+                    t = tensors[j]
+                    out[j] = dev_buf[a:a + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
             group, used = [], 0
 
         for i, t in enumerate(tensors):
@@ -76,52 +96,43 @@ class Mover:
         flush()
         return out
 
-    def _piece(self, tensors, group, used, out) -> None:
-        ring = self.ring
-        dev_buf = torch.empty(used, dtype=torch.uint8, device=self.device)
-        with _lock:
-            i = ring.next
-            ring.next = (i + 1) % PIECES
-            if ring.events[i] is not None:
-                ring.events[i].synchronize()
-            buf = ring.buffers[i]
-            for j, a in group:
-                t = tensors[j]
-                buf[a:a + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
-            with torch.cuda.device(self.device):
-                dev_buf.copy_(buf[:used], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record()
-            ring.events[i] = ev
-        for j, a in group:
-            t = tensors[j]
-            n = t.numel() * t.element_size()
-            out[j] = dev_buf[a:a + n].view(t.dtype).view(t.shape)
-
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if t.device == self.device:
             return t
         if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
             return t.to(self.device, non_blocking=True)
-        ring = self.ring
-        out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
         src = t.reshape(-1).view(torch.uint8)
-        dst = out.reshape(-1).view(torch.uint8)
+        dst = self._empty(src.numel())
+        for a in range(0, src.numel(), PIECE):
+            e = min(src.numel(), a + PIECE)
+            self._send([(src[a:e], 0)], e - a, dst[a:e])
+        return dst.view(t.dtype).view(t.shape)
+
+    def _empty(self, nbytes: int) -> torch.Tensor:
+        """Device bytes written on the copy stream and read on the caller's."""
+        with torch.cuda.stream(self.copy_stream):
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        buf.record_stream(torch.cuda.current_stream(self.device))
+        return buf
+
+    def _send(self, sources, nbytes: int, dst: torch.Tensor) -> None:
+        """One ring step: the (uint8 tensor, byte offset) sources into the next pinned buffer on
+        the CPU, its first nbytes to dst on the copy stream; the caller's stream waits for it."""
+        ring = self.ring
         with _lock:
-            for a in range(0, src.numel(), PIECE):
-                e = min(src.numel(), a + PIECE)
-                i = ring.next
-                ring.next = (i + 1) % PIECES
-                if ring.events[i] is not None:
-                    ring.events[i].synchronize()  # its last copy to the GPU has finished
-                buf = ring.buffers[i][: e - a]
-                buf.copy_(src[a:e])
-                with torch.cuda.device(self.device):
-                    dst[a:e].copy_(buf, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record()
-                ring.events[i] = ev
-        return out
+            i = ring.next
+            ring.next = (i + 1) % PIECES
+            if ring.events[i] is not None:
+                ring.events[i].synchronize()  # its last copy to the GPU has finished
+            buf = ring.buffers[i]
+            for src, a in sources:
+                buf[a:a + src.numel()].copy_(src)
+            with torch.cuda.stream(self.copy_stream):
+                dst.copy_(buf[:nbytes], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.copy_stream)
+            ring.events[i] = ev
+        torch.cuda.current_stream(self.device).wait_event(ev)
 
 
 GROUP_BYTES = 8 << 20  # keys moved together: half a piece

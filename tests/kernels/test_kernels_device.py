@@ -107,3 +107,26 @@ def test_pinned_mover_copies_every_byte():
         assert m.device.type == "cuda" and m.dtype == t.dtype and m.shape == t.shape
         assert torch.equal(m.cpu().view(torch.uint8) if t.dtype == torch.float8_e4m3fn else m.cpu(),
                            t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_moved_tensors_ready_in_the_callers_stream_order():
+    """The copies run on the mover's own stream: whatever the caller's stream queues after a move
+    (here sums queued without any sync, on the default stream and on a side stream) sees every
+    byte, also when the caller's stream is busy and the moved tensors' memory is freed and reused."""
+    staging = _staging()
+    move = staging.mover(torch.device("cuda"))
+    g = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(staging.PIECE // 2 + 17, generator=g), torch.randn(1000, generator=g).half(),
+               torch.randn(staging.PIECE // 8, generator=g).bfloat16()] * 4
+    expected = torch.stack([t.double().sum() for t in tensors])
+    side = torch.cuda.Stream()
+    for stream in (torch.cuda.current_stream(), side):
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                torch.cuda._sleep(2_000_000)  # the caller's stream busy: the copy stream runs ahead
+                sums = torch.stack([m.double().sum() for m in move.many(tensors)])
+                sums2 = torch.stack([move(t).double().sum() for t in tensors])
+                for got in (sums, sums2):  # a missed wait reads stale or half-copied bytes: far off
+                    assert torch.allclose(got.cpu(), expected, rtol=1e-12, atol=1e-9)
