@@ -98,16 +98,18 @@ def write_extra_paths(run_dir: Path, checkpoint_dirs: list[Path], lora_dirs: lis
 
 def import_in_process(host: Host | None = None):
     """Make the host's `comfy` package importable in this process, for in-process tests: on CPU,
-    unless BARYCENTER_COMFY_GPU=1 (harness.server.gpu_host)."""
+    unless BARYCENTER_COMFY_GPU=1 (harness.server.gpu_host); UNets in fp16 with
+    BARYCENTER_COMFY_FP16_UNET=1."""
     host = host or ensure_host()
     tree = str(host.tree)
     if tree not in sys.path:
         sys.path.insert(0, tree)
     import comfy.cli_args  # noqa: E402
 
-    from .server import gpu_host
+    from .server import fp16_unet_host, gpu_host
 
     comfy.cli_args.args.cpu = not gpu_host()
+    comfy.cli_args.args.fp16_unet = fp16_unet_host()
     return host
 
 

@@ -18,11 +18,28 @@ from .paths import CACHE, VENV_PYTHON
 
 
 GPU_ENV = "BARYCENTER_COMFY_GPU"
+FP16_ENV = "BARYCENTER_COMFY_FP16_UNET"
 
 
 def gpu_host() -> bool:
     """True when the harness runs ComfyUI on its own device choice instead of --cpu."""
     return os.environ.get(GPU_ENV, "0") == "1"
+
+
+def fp16_unet_host() -> bool:
+    """True when ComfyUI keeps UNets in fp16 (--fp16-unet): what a GPU host does on its own, so a
+    CPU host checks the same storage roundings."""
+    return os.environ.get(FP16_ENV, "0") == "1"
+
+
+def unets_in_half() -> bool:
+    """True when the host may keep (and save) a UNet in 16 bits even where a file holds fp32:
+    a GPU host by its own choice, or --fp16-unet."""
+    return gpu_host() or fp16_unet_host()
+
+
+def device_args() -> list[str]:
+    return ([] if gpu_host() else ["--cpu"]) + (["--fp16-unet"] if fp16_unet_host() else [])
 
 
 def free_port() -> int:
@@ -60,7 +77,7 @@ class ComfyServer:
         yaml = write_extra_paths(self.run_dir, self.checkpoint_dirs, self.lora_dirs)
         self.port = free_port()
         python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-        args = [python, "main.py", *([] if gpu_host() else ["--cpu"]), "--listen", "127.0.0.1", "--port", str(self.port),
+        args = [python, "main.py", *device_args(), "--listen", "127.0.0.1", "--port", str(self.port),
                 "--output-directory", str(self.output_dir), "--input-directory", str(self.run_dir / "input"),
                 "--temp-directory", str(self.run_dir / "temp"), "--extra-model-paths-config", str(yaml),
                 "--disable-auto-launch"]

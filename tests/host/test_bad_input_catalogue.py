@@ -30,7 +30,7 @@ from harness.checkpoints import LORAS, checkpoint, load_state_dict, lora
 from harness.client import PromptRejected
 from harness.graphs import Graph, conditioning, load_checkpoint, merge_node, sample_and_save
 from harness.paths import CACHE
-from harness.server import gpu_host
+from harness.server import unets_in_half
 from tests.host.helpers import assert_non_degenerate, ckpt, image_array, saved_checkpoint, unet
 from tests.host.test_robust_nodes import NODES, FAMILY, assert_linear_close, captured, expected_linear
 
@@ -397,8 +397,8 @@ def dtype_case(a, b):
                                  settings={"tolerance": 1e-7, "max_iterations": 100, "scope": "tensor"})(o)
             got = {str(v.dtype).replace("torch.", "") for v in saved_unet(o).values()}
             held = set(o.before[0]["dtypes"])
-            # a GPU host saves its fp16 UNet in fp16 even where model_1 holds a key in fp32
-            assert got == held or (gpu_host() and got <= held), f"saved {got}, model_1 holds {sorted(held)}"
+            # a GPU host (or --fp16-unet) saves its fp16 UNet in fp16 where model_1 holds a key in fp32
+            assert got == held or (unets_in_half() and got <= held), f"saved {got}, model_1 holds {sorted(held)}"
             return f"{line}; stored as model_1 ({', '.join(sorted(got))})"
         return merge_case(KM, [sd15(1, dtype=a), sd15(2, dtype=b)], check, output="save",
                           settings={"weights": "1,2"})

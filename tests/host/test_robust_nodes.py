@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from harness.checkpoints import checkpoint, load_state_dict
+from harness.server import gpu_host
 from harness.graphs import Graph, conditioning, load_checkpoint, merge_node, sample_and_save
 from kernels import (combine, element_median, gram_matrix, parse_weights, scope_units, sign_elected_median,
                      solve, task_vector_coefficients)
-from tests.host.helpers import assert_non_degenerate, ckpt, image_array, saved_checkpoint, storage_rounding, unet
+from tests.host.helpers import as_held, assert_non_degenerate, ckpt, image_array, saved_checkpoint, storage_rounding, unet
 
 pytestmark = pytest.mark.host
 _n = itertools.count()
@@ -119,16 +120,20 @@ def test_sign_elected_and_element_median_equal_kernel(comfy, server):
     saved, _ = run_merge_and_save(comfy, server, "BarycenterSignElectedMedian", names,
                                   {**settings, "drop_rate": 0.1, "drop_seed": 5}, base=base_name)
     w = parse_weights("", 3)
+    # the drop masks come from a generator on the merge's device (CPU and CUDA streams differ)
+    dev = "cuda" if gpu_host() else "cpu"
     for k in list(xs[0])[::7]:
-        exp, _ = sign_elected_median([x[k].float() for x in xs], base[k].float(), w, strength=1.0, drop_rate=0.1,
+        held = [as_held(x[k], saved[k].dtype).float().to(dev) for x in xs + [base]]
+        exp, _ = sign_elected_median(held[:3], held[3], w, strength=1.0, drop_rate=0.1,
                                      seed=5, key="diffusion_model." + k, tol=1e-7, max_iter=100,
                                      eps=1e-8)
+        exp = exp.cpu()
         err = (saved[k].double() - exp.double()).abs()
         assert bool((err <= 1e-5 * exp.double().abs() + 1e-6 + storage_rounding(saved[k], exp.double())).all()), k
     gm_settings = {**NODES["BarycenterGeometricMedian"][1], "scope": "element"}
     saved, _ = run_merge_and_save(comfy, server, "BarycenterGeometricMedian", names, gm_settings)
     for k in list(xs[0])[::7]:
-        exp = element_median([x[k].float() for x in xs], w)
+        exp = element_median([as_held(x[k], saved[k].dtype).float() for x in xs], w)
         err = (saved[k].double() - exp.double()).abs()
         assert bool((err <= 1e-6 * exp.double().abs() + 1e-7 + storage_rounding(saved[k], exp.double())).all()), k
 
