@@ -268,6 +268,18 @@ def _merge_prompt(tag: str):
     return g.prompt()
 
 
+def _warm_matplotlib_font_cache() -> None:
+    """The report's picture uses matplotlib, which builds its font cache on its first use on a
+    machine: it runs fc-list and writes the cache into its own config dir. That is matplotlib's
+    once-per-machine setup (on a fresh machine the audit caught it from the report node), not the
+    pack's doing: done here first, in the server's Python, so the audit sees the pack's own work."""
+    from harness.paths import VENV_PYTHON
+
+    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    subprocess.run([python, "-c", "import importlib.util as u\n"
+                    "if u.find_spec('matplotlib'): import matplotlib.font_manager"], check=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def audited(host, checkpoints_dir, tmp_path_factory):
     from harness.server import ComfyServer
@@ -282,6 +294,7 @@ def audited(host, checkpoints_dir, tmp_path_factory):
     prefixes += [str(link / "__init__.py"), str(REPO_ROOT / "__init__.py")]
     path = os.pathsep.join([str(HOOK_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     env = {"PYTHONPATH": path, "BARYCENTER_AUDIT_LOG": str(log), "BARYCENTER_AUDIT_PACK": os.pathsep.join(prefixes)}
+    _warm_matplotlib_font_cache()
     srv = ComfyServer(run_dir, [checkpoints_dir], [], host=host, env=env)
     srv.client = srv.start()
     try:
