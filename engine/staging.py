@@ -11,16 +11,21 @@ The copies run on a stream of their own, so the bus works while the caller's str
 earlier pieces (on one stream each copy waited for the Gram products queued before it). The
 caller's stream waits for the copy's event before anything it queues next, and each device tensor
 is allocated on the copy stream and marked as used by the caller's stream (record_stream), so the
-caching allocator never hands its memory out while either stream may still use it.
+caching allocator never hands its memory out while either stream may still use it. The copy
+stream runs at most LAG pieces ahead of the caller's stream (it waits for the caller's work queued
+LAG pieces earlier), and the CPU at most PIECES pieces ahead of the copies (the ring's events): so
+a GPU that computes slower than the bus delivers holds a bounded number of pieces, not the models.
 """
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 import torch
 
 PIECE = 16 << 20  # bytes per pinned buffer
 PIECES = 4
+LAG = 8  # pieces the copies may run ahead of the caller's stream
 
 _lock = threading.Lock()
 
@@ -63,6 +68,7 @@ class Mover:
         self.ring = _the_ring()
         with _lock:
             self.copy_stream = self.ring.stream(self.device)
+        self._marks: deque = deque()  # per piece sent: the caller's work queued by then
 
     def many(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Move several tensors, packing the small ones into shared pieces: one CPU copy each but
@@ -119,6 +125,10 @@ class Mover:
         """One ring step: the (uint8 tensor, byte offset) sources into the next pinned buffer on
         the CPU, its first nbytes to dst on the copy stream; the caller's stream waits for it."""
         ring = self.ring
+        caller = torch.cuda.current_stream(self.device)
+        mark = torch.cuda.Event()
+        mark.record(caller)
+        self._marks.append(mark)
         with _lock:
             i = ring.next
             ring.next = (i + 1) % PIECES
@@ -128,11 +138,13 @@ class Mover:
             for src, a in sources:
                 buf[a:a + src.numel()].copy_(src)
             with torch.cuda.stream(self.copy_stream):
+                if len(self._marks) > LAG:  # not more than LAG pieces ahead of the caller
+                    self.copy_stream.wait_event(self._marks.popleft())
                 dst.copy_(buf[:nbytes], non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self.copy_stream)
             ring.events[i] = ev
-        torch.cuda.current_stream(self.device).wait_event(ev)
+        caller.wait_event(ev)
 
 
 GROUP_BYTES = 8 << 20  # keys moved together: half a piece

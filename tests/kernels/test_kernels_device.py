@@ -130,3 +130,24 @@ def test_moved_tensors_ready_in_the_callers_stream_order():
                 sums2 = torch.stack([move(t).double().sum() for t in tensors])
                 for got in (sums, sums2):  # a missed wait reads stale or half-copied bytes: far off
                     assert torch.allclose(got.cpu(), expected, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_mover_holds_a_bounded_number_of_pieces_when_the_gpu_lags():
+    """While the caller's stream is stalled, moving 64 pieces (1 GiB) and dropping each one after
+    queueing its use must not fill the GPU with all of them: the copies wait for the caller's
+    stream LAG pieces back and the CPU for the ring, so at most about LAG + PIECES pieces are held."""
+    staging = _staging()
+    move = staging.mover(torch.device("cuda"))
+    pieces = [torch.full((staging.PIECE // 4,), float(i)) for i in range(64)]  # fp32: one piece each
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    total = torch.zeros((), dtype=torch.float64, device="cuda")
+    torch.cuda._sleep(200_000_000)  # the caller's stream busy for a while (~0.1 s)
+    for p in pieces:
+        total += move(p).double().sum()
+    assert float(total) == sum(float(i) * p.numel() for i, p in enumerate(pieces))
+    held = torch.cuda.max_memory_allocated() - before
+    assert held <= (staging.LAG + staging.PIECES + 4) * staging.PIECE * 3, held  # + the sums' fp64 copies
