@@ -162,7 +162,10 @@ def inprocess_section(arch, repeats, kernels="eager"):
         def one_read():
             for m in models:
                 for t in m.model.diffusion_model.state_dict().values():
-                    t.to(device=read_device, dtype=torch.float32, copy=True)
+                    if gpu:  # as ComfyUI's load: the stored dtype over the bus, cast on the GPU
+                        t.to(read_device).float()
+                    else:
+                        t.to(dtype=torch.float32, copy=True)
             if gpu:
                 torch.cuda.synchronize()
 
