@@ -15,7 +15,7 @@ cd "$root"
 py="${PYTHON:-python3}"
 logs="${LOGS:-$root/out/gpu}"
 mkdir -p "$logs"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 BARYCENTER_INSTAFAIL=1  # failures printed as they happen: a cut-off run keeps them
 [ $# -gt 0 ] || set -- cuda tests bench host host-bench
 rc=0
 run() {  # name, command...
@@ -35,7 +35,7 @@ for what in "$@"; do
     tests) run tests "$py" -m pytest -c tests/pytest.ini tests/kernels tests/ot -q -ra -p no:cacheprovider \
              --ignore=tests/kernels/test_kernels_peers.py ;;
     bench) run bench "$py" bench/bench_cuda.py --kind ${KINDS:-sd15 sdxl} --rounds 5 ;;
-    host) run host env BARYCENTER_COMFY_GPU=1 "$py" -m pytest -c tests/pytest.ini ${HOST_TESTS:-tests/host} -q -ra -p no:cacheprovider ;;
+    host) run host env BARYCENTER_COMFY_GPU=1 "$py" -m pytest -c tests/pytest.ini ${HOST_TESTS:-tests/host} -v -ra -p no:cacheprovider ;;
     host-bench) run host-bench env BARYCENTER_COMFY_GPU=1 "$py" -m bench.bench_host --arch sd15 --repeats 5 --gram-cache off on ;;
     host-bench-full) run host-bench-full env BARYCENTER_COMFY_GPU=1 "$py" -m bench.bench_host --arch sd15_full --repeats 3 --gram-cache off on ;;
     *) echo "gpu_checks: unknown part '$what'" >&2; exit 2 ;;

@@ -15,6 +15,13 @@ if str(ROOT) not in sys.path:
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def pytest_runtest_logreport(report):
+    """BARYCENTER_INSTAFAIL=1: a failure's traceback printed when it happens, not at the end of
+    the session (GPU runs are cut off at the device's time limit, and the end never comes)."""
+    if report.failed and os.environ.get("BARYCENTER_INSTAFAIL") == "1":
+        print(f"\n[instafail] {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}", file=sys.stderr)
+
+
 def skip_or_fail(reason: str):
     """A missing prerequisite fails in CI (a skipped host test proves nothing) and skips locally."""
     if IN_CI:
