@@ -12,7 +12,13 @@ G_ij = <d_i, d_j> (d_i = p_i - mean) the distances are quadratic forms,
   y+ = (1 - η/r)^+ T + min(1, η/r) y. If r <= η, x_j is the median and the iteration stays
   there exactly (so weights (0,..,1,..,0) return that input, and a median at an input is found
   exactly instead of approached sublinearly).
-- Stop when ‖y+ - y‖ <= tol·s, per unit; converged units are frozen. On CUDA the loop always
+- Newton (where the points span N-1 dimensions and no input is within eps·s): the Newton step
+  of f(c) = Σ w_i ‖p_i - y‖ on the plane Σc = 1 (gradient -Σ w_i G u_i / d_i, Hessian
+  Σ w_i (G/d_i - G u_i u_i^T G / d_i^3), u_i = e_i - c) is taken instead of the Weiszfeld point
+  when it stays in the simplex and lowers f strictly below the Weiszfeld point's: each step does
+  at least as well as Weiszfeld's (so it converges as Weiszfeld does), and near the median
+  quadratically (tiny SD1.5 Grams: at most 7 steps instead of 92 at tol 1e-7).
+- Stop when the Weiszfeld step ‖T(y) - y‖ <= tol·s, per unit; converged units are frozen. On CUDA the loop always
   runs max_iter batched steps without a host sync; on CPU (where reading a flag is no sync) it
   stops once every unit has converged, checked every 8 steps, and takes plain Weiszfeld steps
   (a third of the ops) until a unit comes within eps·s of an input, then goes back to the last
@@ -52,6 +58,12 @@ def _weiszfeld(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
     k, n = G.shape[0], G.shape[1]
     dev = G.device
     eye = torch.eye(n, dtype=torch.float64, device=dev)
+    z = torch.cat([eye[:, : n - 1][: n - 1], -torch.ones(1, n - 1, dtype=torch.float64, device=dev)])  # basis of Σv = 0
+    zt = z.T
+    # Newton only where the points span N-1 dimensions (models always do unless two are equal):
+    # on fewer (collinear, coincident) the Hessian is singular and Weiszfeld alone is taken
+    ev = torch.linalg.eigvalsh(zt @ G @ z) if n > 1 else torch.ones(k, 1, dtype=torch.float64, device=dev)
+    spans = ev.min(1).values > 1e-8 * ev.max(1).values.clamp_min(0)
     diag = G.diagonal(dim1=-2, dim2=-1)
     scale = (diag.sum(-1) / n).clamp_min(0).sqrt()
     same = identical_units(g)
@@ -64,12 +76,35 @@ def _weiszfeld(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
     iters = torch.zeros(k, dtype=torch.long, device=dev)
     tol2 = (tol * scale) ** 2
 
+    def objective(c):  # Σ w_i ‖p_i - y‖ at coefficients c (K, N)
+        return (wk * quad(G, eye - c[:, None, :]).clamp_min(0).sqrt()).sum(1)
+
+    def newton_or(c, t, gu, dist):
+        """The Newton step from c on the plane Σc = 1 where it exists and lowers the objective
+        below the Weiszfeld point t's, else t. Weiszfeld alone converges linearly, and slowly
+        where the median is near an input (an angle near 120 degrees for 3 points: 150 steps)."""
+        a = wk / dist
+        grad = -(a[:, :, None] * gu).sum(1)                                 # ∇f = -Σ w_i G u_i / d_i
+        hess = a.sum(1)[:, None, None] * G - gu.transpose(1, 2) @ ((a / dist ** 2)[:, :, None] * gu)
+        step, info = torch.linalg.solve_ex(zt @ hess @ z, -(grad @ z))
+        cn = c + step @ zt
+        # in the simplex as every Weiszfeld iterate (c_i ∝ w_i/d_i > 0): a direction the summed
+        # Gram cannot see (a key far smaller than the others of its unit) must not carry c off it
+        ok = spans & (info == 0) & (dist > 0).all(1) & torch.isfinite(cn).all(1) & (cn >= 0).all(1)
+        cn = torch.where(ok[:, None], cn, t)
+        # strictly lower: a step the objective cannot see (rounding, directions the Gram does not
+        # see) is not taken; convergence is judged on the Weiszfeld step from c, not this one
+        return torch.where((ok & (objective(cn) < objective(t)))[:, None], cn, t)
+
     def full_step(c):  # Weiszfeld with Vardi-Zhang's step at a coincident input
-        dist = quad(G, eye - c[:, None, :]).clamp_min(0).sqrt()          # ‖p_i - y‖
+        u = eye - c[:, None, :]
+        gu = u @ G
+        dist = (gu * u).sum(-1).clamp_min(0).sqrt()                       # ‖p_i - y‖
         dmin = dist.min(dim=1).values
         j = (dist == dmin[:, None]).to(torch.int8).argmax(dim=1)          # first nearest input
         snap = dmin <= thr
         cs = torch.where(snap[:, None], eye[j], c)
+        newton_dist = dist
         dist = torch.where(snap[:, None], pair[ar, j], dist)
         at = dist <= thr[:, None]                                         # inputs at y (only when snapped)
         beta = torch.where(at, 0.0, wk / torch.where(at, 1.0, dist))
@@ -80,20 +115,25 @@ def _weiszfeld(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
         move = r > eta
         lam = torch.where(move, eta / torch.where(move, r, 1.0), 1.0)    # min(1, η/r)
         c_new = (1 - lam)[:, None] * t + lam[:, None] * cs
-        return c_new, quad(G, (c_new - c)[:, None, :])[:, 0]
+        step2 = quad(G, (c_new - c)[:, None, :])[:, 0]
+        ahead = torch.where(move[:, None], newton_or(c, t, gu, newton_dist), c)
+        return torch.where(snap[:, None], c_new, ahead), step2
 
     def plain_step(c):
         # full_step's arithmetic where no unit is within eps of an input (there snap, at and eta
         # are all off, lam is 0 or 1): the same bits with a third of the ops. `near` says where
         # it does not apply.
-        dist = quad(G, eye - c[:, None, :]).clamp_min(0).sqrt()
+        u = eye - c[:, None, :]
+        gu = u @ G
+        dist = (gu * u).sum(-1).clamp_min(0).sqrt()
         near = (dist <= thr[:, None]).any(1)
         beta = wk / dist
         sb = beta.sum(1)
         t = beta / sb[:, None]
         q = quad(G, (t - c)[:, None, :])[:, 0]
         move = sb * q.clamp_min(0).sqrt() > 0
-        return torch.where(move[:, None], t, c), torch.where(move, q, 0.0), near
+        ahead = torch.where(move[:, None], newton_or(c, t, gu, dist), c)
+        return ahead, torch.where(move, q, 0.0), near
 
     # On CPU (where reading a flag costs no device sync) the loop takes plain steps and looks every
     # CHECK_EVERY steps: if a unit not yet converged came within eps of an input, it goes back to
