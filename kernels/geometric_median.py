@@ -18,11 +18,11 @@ G_ij = <d_i, d_j> (d_i = p_i - mean) the distances are quadratic forms,
   when it stays in the simplex and lowers f strictly below the Weiszfeld point's: each step does
   at least as well as Weiszfeld's (so it converges as Weiszfeld does), and near the median
   quadratically (tiny SD1.5 Grams: at most 7 steps instead of 92 at tol 1e-7).
-- Stop when the Weiszfeld step ‖T(y) - y‖ <= tol·s, per unit; converged units are frozen. On CUDA the loop always
-  runs max_iter batched steps without a host sync; on CPU (where reading a flag is no sync) it
-  stops once every unit has converged, checked every 8 steps, and takes plain Weiszfeld steps
-  (a third of the ops) until a unit comes within eps·s of an input, then goes back to the last
-  check and takes full steps from there. Same bits either way; `iterations` counts the steps
+- Stop when the Weiszfeld step ‖T(y) - y‖ <= tol·s, per unit; converged units are frozen. On
+  CUDA the loop always runs max_iter batched steps without a host sync; on CPU (where reading a
+  flag is no sync) it stops once every unit has converged, checked every 8 steps, and takes
+  plain steps (without Vardi-Zhang's ops) until a unit comes within eps·s of an input, then goes
+  back to the last check and takes full steps from there. Same bits either way; `iterations` counts the steps
   each unit took. Tiny ops run on one CPU thread.
 - Identical inputs (d-block exactly 0): coefficient 1 on the first positive-weight model.
 Defaults: tol 1e-10, max_iter 200, eps 1e-6 (relative to s; sd-mecha uses an absolute 1e-6 as a
@@ -58,12 +58,13 @@ def _weiszfeld(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
     k, n = G.shape[0], G.shape[1]
     dev = G.device
     eye = torch.eye(n, dtype=torch.float64, device=dev)
-    z = torch.cat([eye[:, : n - 1][: n - 1], -torch.ones(1, n - 1, dtype=torch.float64, device=dev)])  # basis of Σv = 0
+    z = torch.cat([eye[: n - 1, : n - 1], -torch.ones(1, n - 1, dtype=torch.float64, device=dev)])  # Σv = 0
     zt = z.T
     # Newton only where the points span N-1 dimensions (models always do unless two are equal):
     # on fewer (collinear, coincident) the Hessian is singular and Weiszfeld alone is taken
-    ev = torch.linalg.eigvalsh(zt @ G @ z) if n > 1 else torch.ones(k, 1, dtype=torch.float64, device=dev)
-    spans = ev.min(1).values > 1e-8 * ev.max(1).values.clamp_min(0)
+    if n > 1:
+        ev = torch.linalg.eigvalsh(zt @ G @ z)
+        spans = ev.min(1).values > 1e-8 * ev.max(1).values.clamp_min(0)
     diag = G.diagonal(dim1=-2, dim2=-1)
     scale = (diag.sum(-1) / n).clamp_min(0).sqrt()
     same = identical_units(g)
@@ -83,6 +84,8 @@ def _weiszfeld(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
         """The Newton step from c on the plane Σc = 1 where it exists and lowers the objective
         below the Weiszfeld point t's, else t. Weiszfeld alone converges linearly, and slowly
         where the median is near an input (an angle near 120 degrees for 3 points: 150 steps)."""
+        if n < 2:
+            return t
         a = wk / dist
         grad = -(a[:, :, None] * gu).sum(1)                                 # ∇f = -Σ w_i G u_i / d_i
         hess = a.sum(1)[:, None, None] * G - gu.transpose(1, 2) @ ((a / dist ** 2)[:, :, None] * gu)
