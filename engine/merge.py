@@ -175,11 +175,10 @@ def _read_keys(sources, base, keys, dev, move=None):
     inputs = sources + ([base] if base is not None else [])
     n = len(sources)
     if move is None:
-        for j, key in enumerate(keys):
-            xs = [s.read(key, dev) for s in inputs]
-            yield j, xs[:n], xs[n] if base is not None else None
-        return
-    for j, moved in staging.moved_groups([[s.stored(k) for s in inputs] for k in keys], move):
+        groups = ((j, [None] * len(inputs)) for j in range(len(keys)))
+    else:
+        groups = staging.moved_groups([[s.stored(k) for s in inputs] for k in keys], move)
+    for j, moved in groups:
         xs = [s.read(keys[j], dev, m) for s, m in zip(inputs, moved)]
         yield j, xs[:n], xs[n] if base is not None else None
 
@@ -254,9 +253,10 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
     units = []
     patches = {}
     move = staging.mover(dev)
+    w_dev = w.to(dev)
     for j, xs, b in _read_keys(sources, base, keys, dev, move):
         key = keys[j]
-        result, record = info.merge_tensors(xs, base=b, weights=w.to(dev), strength=strength, key=key,
+        result, record = info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key,
                                             **params)
         patches[key] = (result.to(dtype=sources[0].stored(key).dtype).to(out_device),)
         units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
