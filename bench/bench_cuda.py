@@ -19,7 +19,6 @@ clock stops; data: bench/_shapes.py synthetic fine-tunes, fp16 storage.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from _shapes import synthetic_models, unet_shapes  # noqa: E402
+from harness.loading import load_file  # noqa: E402
 
 GB = 1e9
 
@@ -75,15 +75,7 @@ def ceilings(dev, rounds):
     return out
 
 
-def _load_staging():
-    """engine/staging.py alone (the engine package imports ComfyUI; this module only torch)."""
-    spec = importlib.util.spec_from_file_location("barycenter_staging", ROOT / "engine" / "staging.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-staging = _load_staging()
+staging = load_file("engine/staging.py", "barycenter_staging")  # alone: the engine package imports ComfyUI
 
 
 def gram_pass(keys, dev, full, from_host, engine=True):

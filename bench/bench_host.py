@@ -2,23 +2,23 @@
 
     .venv/bin/python -m bench.bench_host [--arch sd15 sd15_full] [--repeats 3]
 
-1. Through the HTTP API (a real ComfyUI: CPU, or its own device with BARYCENTER_COMFY_GPU=1): time from POST /prompt to the KSampler's first
-   progress event, for the geometric median of 3 models vs a chain of two ModelMergeSimple on the
-   same 3 models (the loaders are warm in both; each timed prompt changes one merge setting so the
-   merge really runs). Ratio = GM / chain (goal <= 1.3). With the Gram cache on (the default) the
-   re-queued GM reuses its Grams (only the solve runs: a mixer changing a weight); with
-   --gram-cache off every GM prompt reads the inputs again (a merge of new inputs).
+1. Through the HTTP API (a real ComfyUI: CPU, or its own device with BARYCENTER_COMFY_GPU=1):
+   time from POST /prompt to the KSampler's first progress event, for the geometric median of 3
+   models vs a chain of two ModelMergeSimple on the same 3 models (the loaders are warm in both;
+   each timed prompt changes one merge setting so the merge really runs). Ratio = GM / chain
+   (goal <= 1.3). With the Gram cache on (the default) the re-queued GM reuses its Grams (only the
+   solve runs: a mixer changing a weight); with --gram-cache off every GM prompt reads the inputs
+   again (a merge of new inputs).
 2. In-process (ComfyUI imported, models loaded as the host loads them): the merge node's time vs
    one read of the 3 inputs' weights (every key of every input converted to fp32 once, on the
-   merge's device: the floor of any merge that reads them); goal <= 1.25 for GM and Karcher. Peak extra RSS of the merge vs
-   the size of one model (goal <= 5% for linear results).
+   merge's device: the floor of any merge that reads them); goal <= 1.25 for GM and Karcher.
+   Peak extra RSS of the merge vs the size of one model (goal <= 5% for linear results).
 Prints one table; every ratio is measured in this run.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import os
 import statistics
 import sys
@@ -145,11 +145,9 @@ def inprocess_section(arch, repeats, kernels="eager"):
     gpu = gpu_host()
     read_device = comfy.model_management.get_torch_device() if gpu else torch.device("cpu")
 
-    spec = importlib.util.spec_from_file_location("barycenter_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["barycenter_pack"] = pack
-    spec.loader.exec_module(pack)
+    from harness.loading import load_pack
+
+    pack = load_pack()
     nodes = pack.NODE_CLASS_MAPPINGS
     out = {}
     with torch.inference_mode():
@@ -220,6 +218,11 @@ def inprocess_section(arch, repeats, kernels="eager"):
     return out, one_model, params, str(read_device)
 
 
+def read_floor(res) -> float:
+    """The fastest of the 'one read' cases of inprocess_section: what the node times are divided by."""
+    return min(t for name, (t, _, _) in res.items() if name.startswith("one read"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=["sd15"], choices=["sd15", "sd15_full"])
@@ -245,7 +248,7 @@ def main(argv=None) -> int:
             print(f"| first: 2x ModelMergeSimple / GM | {q['first chain']:.3f} / {q['first gm']:.3f} | "
                   f"{q['first gm'] / q['first chain']:.2f} |")
         res, one_model, params, device = inprocess_section(arch, args.repeats, args.kernels[0])
-        floor = min(t for name, (t, _, _) in res.items() if name.startswith("one read"))
+        floor = read_floor(res)
         where = f"merge on {device}" if device != "cpu" else f"CPU, {args.kernels[0]} kernels"
         print(f"\n## {arch}: node time and peak extra RAM, in-process, {where} "
               f"({params / 1e6:.1f}M params, one model {one_model / 2**20:.0f} MiB as loaded)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import json
 import os
 import resource
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._shapes import unet_shapes  # noqa: E402
 from bench.bench_host import PeakRSS, rss_bytes  # noqa: E402
+from harness import loading  # noqa: E402
 
 CONFIGS = {"sdxl3": ("sdxl", 3), "sd15x8": ("sd15", 8)}
 METHODS = {
@@ -41,12 +41,7 @@ GiB = 2 ** 30
 
 
 def load_pack():
-    spec = importlib.util.spec_from_file_location("barycenter_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["barycenter_pack"] = pack
-    spec.loader.exec_module(pack)
-    return pack.NODE_CLASS_MAPPINGS
+    return loading.load_pack().NODE_CLASS_MAPPINGS
 
 
 def _key_weights(j: int, shape, model: int, spread: float = 0.01):

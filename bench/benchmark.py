@@ -230,7 +230,7 @@ def host_sections(table, archs, rounds):
                       note="ratio to the ModelMergeSimple chain")
     arch = archs[-1]
     res, one_model, params, _ = bench_host.inprocess_section(arch, rounds)
-    floor = min(res["one read, all threads"][0], res["one read, 1 thread"][0])
+    floor = bench_host.read_floor(res)
     section = f"ComfyUI process, {arch} ({params / 1e6:.0f}M params, {one_model / MiB:.0f} MiB a model)"
     for name, (s, extra, _) in res.items():
         table.add(section, name, s, s / floor, None, _ram(extra),

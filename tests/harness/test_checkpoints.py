@@ -5,7 +5,6 @@ SDXL checkpoint with CLIP-L + CLIP-G is only made and loaded with BARYCENTER_BIG
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ import torch
 
 from harness import checkpoints as ck
 from harness.host import TEST_NODES, ensure_host, import_in_process
+from harness.loading import load_file
 from harness.paths import REPO_ROOT
 
 BIG = os.environ.get("BARYCENTER_BIG") == "1"
@@ -170,10 +170,7 @@ def test_zero_conditioning_node_shapes():
 
 
 def _test_nodes():
-    spec = importlib.util.spec_from_file_location("barycenter_test_nodes", TEST_NODES / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(str(TEST_NODES.relative_to(REPO_ROOT) / "__init__.py"), "barycenter_test_nodes")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,14 +75,9 @@ def test_grams_reused_for_other_settings_with_the_same_bytes(comfy, server):
 
 def _cache_module():
     """engine/gram_cache.py on its own (it imports no ComfyUI module)."""
-    import importlib.util
-    from pathlib import Path
+    from harness.loading import load_file
 
-    path = Path(__file__).resolve().parents[2] / "engine" / "gram_cache.py"
-    spec = importlib.util.spec_from_file_location("barycenter_gram_cache_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file("engine/gram_cache.py", "barycenter_gram_cache_under_test")
 
 
 class _Patcher:

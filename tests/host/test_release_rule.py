@@ -3,9 +3,6 @@
 follows allocate its working memory afresh. In-process, ComfyUI's memory readings replaced."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,13 +11,10 @@ pytestmark = pytest.mark.host
 
 def _host_api():
     from harness.host import import_in_process
+    from harness.loading import load_file
 
     import_in_process()
-    path = Path(__file__).resolve().parents[2] / "engine" / "host_api.py"
-    spec = importlib.util.spec_from_file_location("barycenter_host_api", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file("engine/host_api.py", "barycenter_host_api")
 
 
 @pytest.mark.parametrize("vram, free_total, free_torch, empties", [

@@ -7,34 +7,18 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from harness.graphs import Graph, load_checkpoint, merge_node
+from harness.loading import load_file
 from tests.host.helpers import ckpt, image_array
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _load_report_module():
-    """nodes/report.py on its own (the pack's package name is not importable from the repo root)."""
-    name = "barycenter_report_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "nodes" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rep = _load_report_module()
+rep = load_file("nodes/report.py", "barycenter_report_under_test")  # on its own, no ComfyUI
 
 
 def luminance(rgb) -> float:

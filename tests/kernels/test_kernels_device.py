@@ -76,14 +76,9 @@ def test_missing_peer_fails_in_ci_and_skips_locally(monkeypatch):
 
 
 def _staging():
-    import importlib.util
-    from pathlib import Path
+    from harness.loading import load_file
 
-    path = Path(__file__).resolve().parents[2] / "engine" / "staging.py"  # torch only, no ComfyUI
-    spec = importlib.util.spec_from_file_location("barycenter_staging", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file("engine/staging.py", "barycenter_staging")  # torch only, no ComfyUI
 
 
 def test_no_pinned_mover_for_the_cpu():

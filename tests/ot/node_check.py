@@ -12,7 +12,7 @@ Cases (results as one JSON line, the last line of stdout):
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -25,22 +25,14 @@ import torch  # noqa: E402
 
 from harness import checkpoints  # noqa: E402
 from harness.host import import_in_process  # noqa: E402
+from harness.loading import load_pack  # noqa: E402
 
 HOST = import_in_process()
 
 import comfy.sd  # noqa: E402
 
 
-def load_pack():
-    name = "barycenter_pack_under_test"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return name
-
-
-PACK = load_pack()
+PACK = load_pack("barycenter_pack_under_test").__name__
 ot_nodes = importlib.import_module(PACK + ".nodes.ot_fusion")
 wm_nodes = importlib.import_module(PACK + ".nodes.weighted_mean")
 engine = importlib.import_module(PACK + ".engine")
