@@ -58,6 +58,12 @@ def assert_close_to(saved: torch.Tensor, exact: torch.Tensor, key: str, ulps: fl
                                  f"max err {float(err.max()):.3g}, max |x| {float(exact.abs().max()):.3g}")
 
 
+def storage_eps(dtype: torch.dtype) -> float:
+    """Relative size of one rounding to the dtype ComfyUI stored a result in: 0 for fp32/fp64 (a
+    CPU host computes and saves fp32), the dtype's eps for fp16/bf16 (a GPU host, --fp16-unet)."""
+    return 0.0 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+
+
 def storage_rounding(saved: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Bound on the roundings to the dtype ComfyUI saved in: 0 for fp32 (a CPU host computes and
     saves fp32). On a GPU (or with --fp16-unet) ComfyUI keeps the UNet in fp16, from fp32 files
@@ -65,7 +71,7 @@ def storage_rounding(saved: torch.Tensor, exact: torch.Tensor, scale: torch.Tens
     (`scale` = Σ|a_i||x_i|): once when loaded, once more when the host applies an input's own
     patches (a LoRA on model_1, an upstream merge) in the stored dtype, as it does for patches
     nested in a merge. The subnormal spacing is the floor near zero."""
-    if saved.dtype in (torch.float32, torch.float64):
+    if not storage_eps(saved.dtype):
         return torch.zeros((), dtype=torch.float64)
     info = torch.finfo(saved.dtype)
     inputs = 0.0 if scale is None else info.eps * scale

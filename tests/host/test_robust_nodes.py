@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from harness.checkpoints import checkpoint, load_state_dict
-from harness.server import gpu_host
 from harness.graphs import Graph, conditioning, load_checkpoint, merge_node, sample_and_save
+from harness.server import gpu_host
 from kernels import (combine, element_median, gram_matrix, parse_weights, scope_units, sign_elected_median,
                      solve, task_vector_coefficients)
-from tests.host.helpers import as_held, assert_non_degenerate, ckpt, image_array, saved_checkpoint, storage_rounding, unet
+from tests.host.helpers import (as_held, assert_non_degenerate, ckpt, image_array, saved_checkpoint, storage_eps,
+                                storage_rounding, unet)
 
 pytestmark = pytest.mark.host
 _n = itertools.count()
@@ -189,7 +190,7 @@ def test_karcher_norm_is_weighted_mean_of_norms(comfy, server):
         want = sum(wi * float(x[k].double().norm()) for wi, x in zip(w, xs))
         got = float(saved[k].double().norm())
         # rounding each value to the saved dtype moves the norm by at most that relative rounding
-        stored = 0.0 if saved[k].dtype == torch.float32 else 0.5 * torch.finfo(saved[k].dtype).eps
+        stored = 0.5 * storage_eps(saved[k].dtype)
         assert abs(got - want) <= (1e-5 + stored) * want + 1e-9, (k, got, want)
 
 
@@ -245,7 +246,7 @@ def test_effective_weights_of_lora_modelmergesimple_and_own_merge(comfy, server)
     assert lora_gap > 1e-2, "the LoRA did not change the merge: the test could not tell the routes apart"
     worst = max(float((got[k].double() - e).abs().max() / e.abs().max()) for k, e in expected.items())
     # a GPU host saves fp16: the baked inputs were rounded once, the merge once more
-    stored = max(0.0 if t.dtype == torch.float32 else torch.finfo(t.dtype).eps for t in got.values())
+    stored = max(storage_eps(t.dtype) for t in got.values())
     assert worst < 1e-5 + 1.5 * stored, f"merged vs merge of baked weights: relative error {worst:.3g}"
 
 
