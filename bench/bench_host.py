@@ -10,8 +10,12 @@
    solve runs: a mixer changing a weight); with --gram-cache off every GM prompt reads the inputs
    again (a merge of new inputs).
 2. In-process (ComfyUI imported, models loaded as the host loads them): the merge node's time vs
-   one read of the 3 inputs' weights (every key of every input converted to fp32 once, on the
-   merge's device: the floor of any merge that reads them); goal <= 1.25 for GM and Karcher.
+   one read of the 3 inputs' weights, the floor of any merge that reads them: on CPU every byte
+   read once and nothing written (a sum per tensor, read_once), on a GPU every tensor moved to it
+   and cast to fp32 there (as ComfyUI's load does; and through the engine's pinned buffers); goal
+   <= 1.25 for GM and Karcher. An fp32 copy of the inputs (ComfyUI's CPU load writes one) is
+   shown beside it, not used as the floor: it also writes, and at real shapes each fresh copy
+   page-faults. With --kernels eager fused the GM and Karcher nodes run with each kernel choice.
    Peak extra RSS of the merge vs the size of one model (goal <= 5% for linear results).
 Prints one table; every ratio is measured in this run.
 """
@@ -130,10 +134,20 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def inprocess_section(arch, repeats, kernels="eager"):
+def read_once(tensors) -> None:
+    """Read every byte of the tensors once and write nothing: a sum per tensor (fp32 accumulation,
+    fp16/bf16 read as stored). The floor of any pass over them."""
     import torch
 
-    os.environ[KERNELS_ENV] = kernels
+    for t in tensors:
+        t.sum(dtype=torch.float32)
+
+
+def inprocess_section(arch, repeats, kernels=("eager",)):
+    import torch
+
+    kernels = [kernels] if isinstance(kernels, str) else list(kernels)
+    os.environ[KERNELS_ENV] = kernels[0]
     os.environ[CACHE_ENV] = "0"  # every call reads the inputs: node time vs one read
     from harness.host import import_in_process
 
@@ -157,26 +171,29 @@ def inprocess_section(arch, repeats, kernels="eager"):
         one_model = sum(t.numel() * t.element_size() for t in sd0.values())
         params = sum(t.numel() for t in sd0.values())
 
+        def weights():
+            return [t for m in models for t in m.model.diffusion_model.state_dict().values()]
+
         def one_read():
-            for m in models:
-                for t in m.model.diffusion_model.state_dict().values():
-                    if gpu:  # as ComfyUI's load: the stored dtype over the bus, cast on the GPU
-                        t.to(read_device).float()
-                    else:
-                        t.to(dtype=torch.float32, copy=True)
-            if gpu:
-                torch.cuda.synchronize()
+            if not gpu:
+                read_once(weights())
+                return
+            for t in weights():  # as ComfyUI's load: the stored dtype over the bus, cast on the GPU
+                t.to(read_device).float()
+            torch.cuda.synchronize()
+
+        def fp32_copy():  # what ComfyUI's CPU load writes; not a floor (module docstring)
+            for t in weights():
+                t.to(dtype=torch.float32, copy=True)
 
         def one_read_pinned():  # the engine's own way onto a GPU (engine/staging.py)
             staging = pack.engine.staging
             move = staging.mover(read_device)
-            for m in models:
-                for _, (t,) in staging.moved_groups([[t] for t in m.model.diffusion_model.state_dict().values()],
-                                                    move):
-                    t.float()
+            for _, (t,) in staging.moved_groups([[t] for t in weights()], move):
+                t.float()
             torch.cuda.synchronize()
 
-        def one_read_1_thread():  # the engine's CPU Gram pass runs on one thread
+        def one_read_1_thread():  # each op of the engine's CPU Gram pass runs on one thread
             old = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
@@ -184,20 +201,28 @@ def inprocess_section(arch, repeats, kernels="eager"):
             finally:
                 torch.set_num_threads(old)
 
-        def node(cls, **kw):
-            return lambda: nodes[cls]().merge(model_1=models[0], model_2=models[1], model_3=models[2],
-                                             weights="", device="auto" if gpu else "cpu", **kw)
+        def node(cls, kernel=kernels[0], **kw):
+            def run():
+                os.environ[KERNELS_ENV] = kernel  # read at each CPU Gram pass
+                return nodes[cls]().merge(model_1=models[0], model_2=models[1], model_3=models[2],
+                                          weights="", device="auto" if gpu else "cpu", **kw)
+            return run
 
+        gm, karcher = "BarycenterGeometricMedian", "BarycenterKarcherMean"
         cases = {
             "one read, all threads": one_read,
             "one read, 1 thread": one_read_1_thread,
-            **({"one read, through pinned buffers": one_read_pinned} if gpu else {}),
-            "GM tensor": node("BarycenterGeometricMedian", tolerance=1e-7, **SOLVER),
-            "GM block": node("BarycenterGeometricMedian", tolerance=1e-7, **{**SOLVER, "scope": "block"}),
-            "GM model": node("BarycenterGeometricMedian", tolerance=1e-7, **{**SOLVER, "scope": "model"}),
-            "Karcher tensor": node("BarycenterKarcherMean", tolerance=1e-7, max_iterations=100, scope="tensor"),
+            **({"one read, through pinned buffers": one_read_pinned} if gpu else {"fp32 copy, all threads": fp32_copy}),
+            "GM tensor": node(gm, tolerance=1e-7, **SOLVER),
+            "GM block": node(gm, tolerance=1e-7, **{**SOLVER, "scope": "block"}),
+            "GM model": node(gm, tolerance=1e-7, **{**SOLVER, "scope": "model"}),
+            "Karcher tensor": node(karcher, tolerance=1e-7, max_iterations=100, scope="tensor"),
             "weighted mean": node("BarycenterWeightedMean"),
         }
+        for kernel in ([] if gpu else kernels[1:]):
+            cases[f"GM tensor, {kernel} kernels"] = node(gm, kernel, tolerance=1e-7, **SOLVER)
+            cases[f"Karcher tensor, {kernel} kernels"] = node(karcher, kernel, tolerance=1e-7, max_iterations=100,
+                                                              scope="tensor")
         for name, fn in cases.items():
             fn()  # warm
             times, extras, vram = [], [], []
@@ -215,6 +240,7 @@ def inprocess_section(arch, repeats, kernels="eager"):
                 if gpu:
                     vram.append(torch.cuda.max_memory_allocated() - vram0)
             out[name] = (min(times), max(extras), max(vram) if vram else None)
+    os.environ[KERNELS_ENV] = kernels[0]
     return out, one_model, params, str(read_device)
 
 
@@ -232,8 +258,8 @@ def main(argv=None) -> int:
                     help=f"API part: {CACHE_ENV} of the server (off: every GM prompt reads its inputs; "
                          f"on: a re-queued GM reuses the Grams)")
     ap.add_argument("--kernels", nargs="+", default=["eager"], choices=["eager", "fused"],
-                    help=f"CPU Gram kernels ({KERNELS_ENV}); the in-process part runs once per process "
-                         f"with the first")
+                    help=f"CPU Gram kernels ({KERNELS_ENV}): the API part starts a server per choice; the "
+                         f"in-process part runs every node with the first and GM/Karcher with the others")
     args = ap.parse_args(argv)
     print(f"# bench_host: {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
     for arch in args.arch:
@@ -247,9 +273,9 @@ def main(argv=None) -> int:
             print(f"| GeometricMedian of 3 (tensor) | {q['gm']:.3f} | {q['gm'] / q['chain']:.2f} |")
             print(f"| first: 2x ModelMergeSimple / GM | {q['first chain']:.3f} / {q['first gm']:.3f} | "
                   f"{q['first gm'] / q['first chain']:.2f} |")
-        res, one_model, params, device = inprocess_section(arch, args.repeats, args.kernels[0])
+        res, one_model, params, device = inprocess_section(arch, args.repeats, args.kernels)
         floor = read_floor(res)
-        where = f"merge on {device}" if device != "cpu" else f"CPU, {args.kernels[0]} kernels"
+        where = f"merge on {device}" if device != "cpu" else f"CPU, {args.kernels[0]} kernels unless named"
         print(f"\n## {arch}: node time and peak extra RAM, in-process, {where} "
               f"({params / 1e6:.1f}M params, one model {one_model / 2**20:.0f} MiB as loaded)")
         print("| case | seconds | ratio to the faster read | peak extra RSS | / one model | peak extra VRAM |\n"

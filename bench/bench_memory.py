@@ -8,8 +8,8 @@ as its loader builds them (comfy.sd.load_unet_state_dict, fp16 forced as --fp16-
 first from a generated state dict, the others as copies with their weights overwritten key by key,
 so building them never needs more than one spare model of memory. Each merge runs the pack's node
 (device cpu) and is timed; a sampling thread records the process's peak RSS. Printed per merge:
-seconds, ratio to one read of the inputs (every key of every input converted to fp32 once, on one
-thread as the engine's CPU Gram pass), peak RSS and peak RSS minus the RSS before the merge, both
+seconds, ratio to one read of the inputs (every byte read once: bench_host.read_once, on one
+thread as each op of the engine's CPU Gram pass), peak RSS and peak RSS minus the RSS before the merge, both
 against the inputs' size. Each config runs in its own process so peaks do not carry over.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._shapes import unet_shapes  # noqa: E402
-from bench.bench_host import PeakRSS, rss_bytes  # noqa: E402
+from bench.bench_host import PeakRSS, read_once, rss_bytes  # noqa: E402
 from harness import loading  # noqa: E402
 
 CONFIGS = {"sdxl3": ("sdxl", 3), "sd15x8": ("sd15", 8)}
@@ -85,9 +85,7 @@ def one_read(models) -> float:
     torch.set_num_threads(1)
     try:
         t = time.perf_counter()
-        for m in models:
-            for w in m.model.diffusion_model.state_dict().values():
-                w.to(torch.float32, copy=True)
+        read_once([w for m in models for w in m.model.diffusion_model.state_dict().values()])
         return time.perf_counter() - t
     finally:
         torch.set_num_threads(old)
