@@ -15,9 +15,10 @@ Sections (rows of the one table):
 - ComfyUI end to end (the PyPI snapshot, or COMFYUI_DIR): POST /prompt -> the KSampler's first
   step, a chain of two ModelMergeSimple vs our geometric median of the same 3 models, for tiny
   SD1.5 checkpoints and for real-shape SD1.5 checkpoints (bench_host.py); and in a ComfyUI
-  process, the merge node's time vs one read of the three models as ComfyUI loaded them.
+  process, the merge node's time vs one read of the three models as ComfyUI loaded them (every
+  byte read once, nothing written: bench_host.read_once; on a GPU host, moved to the GPU).
 - memory: 3 SDXL UNets and 8 SD1.5 UNets at real shapes (fp16) merged by GM and Karcher
-  (bench_memory.py): peak RSS against the inputs' size.
+  (bench_memory.py): peak RSS against the inputs' size, time against one read of them.
 --quick: a quarter of the keys, the tiny end-to-end case only, no SDXL memory run.
 A CUDA section is added when torch sees a GPU: the kernel rows on the device and the Gram pass's
 achieved bandwidth.
