@@ -12,8 +12,9 @@ Arithmetic (the same as gram.py): rows b_0 = x_1, b_i = x_{i+1} - x_1 in fp32; e
 b_r·b_s summed in fp32 over sub-blocks of SUB_BLOCK elements, then in fp64 over sub-blocks
 (~1e-7 relative error). Results differ from the eager kernel's by summation order only.
 
-Opt-in (BARYCENTER_CPU_KERNELS=fused) because compiling costs time: about 20 s per (N, kind, dtype)
-the first time on a machine, about 3-5 s per process after (torch caches the compiled code on disk).
+Opt-in (BARYCENTER_CPU_KERNELS=fused) because compiling costs time: 10-20 s for the first kernel the
+first time on a machine, 1-2 s per further (N, kind, dtype); about 3-4 s per process after (torch
+caches the compiled code on disk).
 Needs a C++ compiler (inductor's). When anything in compiling fails the process falls back to the
 eager kernel for good, with one warning naming the reason, so a given machine always takes the
 same path (same inputs, same bits). A kernel uses the intra-op thread count it was compiled under
