@@ -10,7 +10,8 @@ average, which must also write its result).
 
 Arithmetic (the same as gram.py): rows b_0 = x_1, b_i = x_{i+1} - x_1 in fp32; every product
 b_r·b_s summed in fp32 over sub-blocks of SUB_BLOCK elements, then in fp64 over sub-blocks
-(~1e-7 relative error). Results differ from the eager kernel's by summation order only.
+(a few 1e-7 relative error per sum, as gram.py). Results differ from the eager kernel's by
+summation order only.
 
 Opt-in (BARYCENTER_CPU_KERNELS=fused) because compiling costs time: 10-20 s for the first kernel the
 first time on a machine, 1-2 s per further (N, kind, dtype); about 3-4 s per process after (torch

@@ -15,8 +15,11 @@ How it is computed (precision, then speed):
   ~(‖x‖/‖x_i - x_j‖)^2 of it). Identical inputs give b_i = 0 exactly, hence a d-block that is
   exactly zero (solvers use that to return the input bit-exactly).
 - Products of the differences: one batched matmul per chunk over sub-blocks of 1024 elements
-  (fp32 accumulations stay short: ~1e-7 relative error, where one gemv/gemm over a 10^5-element
-  chunk gives 1e-6..1e-5), summed per chunk, then over chunks in fp64. The pivot row <b_0, b_i>
+  (fp32 accumulations stay short: a few 1e-7 relative error per sum, its rounding to fp32
+  included, where one gemv/gemm over a 10^5-element chunk gives 1e-6..1e-5), summed per chunk,
+  then over chunks in fp64. An entry of the [m, d] Gram adds up to four pivoted ones (‖m‖^2 for
+  one): measured within ~1e-6 of the largest entry, the centred block within ~6e-7 of its largest
+  diagonal (fp64 reference, 2026-11-23). The pivot row <b_0, b_i>
   (only needed for norms: Karcher) likewise; full=False skips it (geometric median, distances).
   Chunks of 2^18 elements (CPU cache); on CUDA 2^24 (fewer launches). Peak extra memory: N+1
   rows of one chunk in the compute dtype.
@@ -271,7 +274,7 @@ def rescale_exponent(tensors, force: bool = False) -> int:
 
 def block_products(b: torch.Tensor, out: torch.Tensor) -> None:
     """b b^T for the rows of one chunk into out (R, R), compute dtype: one batched matmul over
-    sub-blocks of SUB_BLOCK elements, summed. Short accumulations keep fp32 products to ~1e-7
+    sub-blocks of SUB_BLOCK elements, summed. Short accumulations keep fp32 sums to a few 1e-7
     relative (one gemv or gemm over a 10^5-element chunk accumulates ~1e-6..1e-5 error)."""
     r, c = b.shape
     m = (c // SUB_BLOCK) * SUB_BLOCK
