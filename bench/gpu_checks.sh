@@ -5,7 +5,7 @@
 #   tests            the kernel and OT tests (CUDA cases included)
 #   bench            bench/bench_cuda.py: Gram pass bandwidth vs the device's (SD1.5, SDXL)
 #   host             the host tests with ComfyUI on the GPU (BARYCENTER_COMFY_GPU=1)
-#   host-weights     the part of the host tests that compares merged weights, and
+#   host-weights     the host tests that compare merged weights (marker `weights`), and
 #   host-rest        the rest: the host tests in two runs (for a runner with a per-call time limit)
 #   host-bench       bench.bench_host on the GPU, tiny models
 #   host-bench-full  the same at SD1.5 shapes
@@ -20,8 +20,6 @@ mkdir -p "$logs"
 export PYTHONUNBUFFERED=1 BARYCENTER_INSTAFAIL=1  # failures printed as they happen: a cut-off run keeps them
 [ $# -gt 0 ] || set -- cuda tests bench host host-bench
 rc=0
-weights="tests/host/test_robust_nodes.py tests/host/test_weighted_mean.py tests/host/test_bad_input_catalogue.py
-         tests/host/test_gram_cache.py tests/host/test_release_rule.py"
 run() {  # name, command...
   local name="$1"; shift
   echo "== $name: $*" >&2
@@ -40,8 +38,8 @@ for what in "$@"; do
              --ignore=tests/kernels/test_kernels_peers.py ;;
     bench) run bench "$py" bench/bench_cuda.py --kind ${KINDS:-sd15 sdxl} --rounds 5 ;;
     host) run host env BARYCENTER_COMFY_GPU=1 "$py" -m pytest -c tests/pytest.ini ${HOST_TESTS:-tests/host} -v -ra -p no:cacheprovider ;;
-    host-weights) run host-weights env BARYCENTER_COMFY_GPU=1 "$py" -m pytest -c tests/pytest.ini $weights -v -ra -p no:cacheprovider ;;
-    host-rest) run host-rest env BARYCENTER_COMFY_GPU=1 "$py" -m pytest -c tests/pytest.ini tests/host $(for f in $weights; do echo --ignore="$f"; done) -v -ra -p no:cacheprovider ;;
+    host-weights) run host-weights env BARYCENTER_COMFY_GPU=1 "$py" -m pytest -c tests/pytest.ini tests/host -m weights -v -ra -p no:cacheprovider ;;
+    host-rest) run host-rest env BARYCENTER_COMFY_GPU=1 "$py" -m pytest -c tests/pytest.ini tests/host -m "not weights" -v -ra -p no:cacheprovider ;;
     host-bench) run host-bench env BARYCENTER_COMFY_GPU=1 "$py" -m bench.bench_host --arch sd15 --repeats 5 --gram-cache off on ;;
     host-bench-full) run host-bench-full env BARYCENTER_COMFY_GPU=1 "$py" -m bench.bench_host --arch sd15_full --repeats 3 --gram-cache off on ;;
     *) echo "gpu_checks: unknown part '$what'" >&2; exit 2 ;;

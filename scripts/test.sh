@@ -10,9 +10,8 @@ set +e
 rc=$?
 if [ $# -eq 0 ]; then
   # ComfyUI on a GPU keeps UNets in fp16 (from fp32 files too) and CI has no GPU: the host tests
-  # that compare merged weights run once more with the host storing UNets in fp16 (--fp16-unet).
-  BARYCENTER_COMFY_FP16_UNET=1 .venv/bin/python -m pytest -ra tests/host/test_robust_nodes.py \
-    tests/host/test_weighted_mean.py tests/host/test_bad_input_catalogue.py tests/host/test_gram_cache.py
+  # that compare merged weights (marker `weights`) run once more with the host storing UNets in fp16 (--fp16-unet).
+  BARYCENTER_COMFY_FP16_UNET=1 .venv/bin/python -m pytest -ra -m weights tests/host
   rc2=$?
   [ "$rc" -ne 0 ] || rc=$rc2
 fi

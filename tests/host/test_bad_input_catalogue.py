@@ -34,7 +34,7 @@ from harness.server import unets_in_half
 from tests.host.helpers import assert_non_degenerate, ckpt, image_array, saved_checkpoint, unet
 from tests.host.test_robust_nodes import NODES, FAMILY, assert_linear_close, captured, expected_linear
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.weights]
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "reliability.md"

@@ -15,7 +15,7 @@ from harness.graphs import Graph, load_checkpoint, merge_node
 from tests.host.helpers import saved_checkpoint, unet
 from tests.host.test_robust_nodes import NODES, assert_linear_close, capture, captured, expected_linear, family
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.weights]
 _n = itertools.count()
 
 

@@ -19,7 +19,7 @@ from kernels import (combine, element_median, gram_matrix, parse_weights, scope_
 from tests.host.helpers import (as_held, assert_non_degenerate, ckpt, image_array, saved_checkpoint, storage_eps,
                                 storage_rounding, unet)
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.weights]
 _n = itertools.count()
 
 FAMILY = dict(arch="sd15", base_seed=0, noise=0.05)

@@ -11,7 +11,7 @@ from tests.host.helpers import (assert_close_to, assert_non_degenerate, ckpt, im
                                 sd15_family, storage_rounding, tensors_hash, unet)
 from harness.checkpoints import load_state_dict, checkpoint
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.weights]
 _prefix = itertools.count()
 
 
