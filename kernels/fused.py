@@ -18,10 +18,11 @@ first time on a machine, 1-2 s per further (N, kind, dtype); about 3-4 s per pro
 caches the compiled code on disk).
 Needs a C++ compiler (inductor's). When anything in compiling fails the process falls back to the
 eager kernel for good, with one warning naming the reason, so a given machine always takes the
-same path (same inputs, same bits). A kernel uses the intra-op thread count it was compiled under
-(torch recompiles when the count changes); the engine calls them on one thread with one intra-op
-thread: calls from two threads take as long as one after the other, and one already reads at
-memory speed.
+same path (same inputs, same bits). A kernel is one parallel loop over the sub-blocks on torch's intra-op threads; each
+sub-block's sums and each fp64 sum over sub-blocks are done by one thread, so the bits do not
+depend on the thread count (torch compiles once per count). The engine runs the pass with the
+host's intra-op threads when these kernels apply (on 2 cores faster than one thread, and than
+kernels called from worker threads).
 """
 from __future__ import annotations
 
