@@ -189,7 +189,7 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     largest = max(sources[0].stored(k).numel() for k in keys)
     host_api.make_room(dev, 4 * largest * (len(sources) + 2) * 2)
     progress = host_api.Progress(len(keys))
-    # fused kernels run on the host's intra-op threads (kernels/fused.py): one pass thread for them
+    # the fused loops run on the host's intra-op threads (kernels/fused.py): one pass thread for them
     fused = fused_kernels.enabled() and len(sources) <= fused_kernels.MAX_INPUTS
     workers = host_api.cpu_workers() if dev.type == "cpu" and not fused else 1
     move = staging.mover(dev)
@@ -197,7 +197,7 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     # they flag is read again (reread) to be named or recomputed
     grams = GramPass(len(keys), full=full, workers=workers,
                      reread=lambda j: _read_all(sources, base, keys[j], dev, move))
-    with host_api.cpu_threads(1 if dev.type == "cpu" else None):
+    with fused_kernels.loop_threads(torch.get_num_threads()), host_api.cpu_threads(1 if dev.type == "cpu" else None):
         try:
             for j, xs, b in _read_keys(sources, base, keys, dev, move):
                 grams.add(j, xs, b, keys[j])

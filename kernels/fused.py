@@ -21,12 +21,14 @@ eager kernel for good, with one warning naming the reason, so a given machine al
 same path (same inputs, same bits).
 A kernel is one parallel loop over the sub-blocks; each sub-block's sums and each fp64 sum over
 sub-blocks are done by one thread, so the bits do not depend on the thread count. It runs on the
-host's intra-op threads (torch's count when this module was imported) while the rest of the Gram
-pass keeps its one thread per op (engine): on 2 cores, GM at SD1.5 shapes took 0.55 s (median of
-15; best 0.44) against 0.60 s (0.50) on one thread, and longer again called from two worker threads.
+caller's intra-op threads, or on the count given by loop_threads(): the engine gives the host's
+count while the rest of its Gram pass keeps one thread per op (on 2 cores, GM at SD1.5 shapes took
+0.55 s (median of 15; best 0.44) against 0.60 s (0.50) with the loop on one thread, and longer
+again called from two worker threads).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -44,7 +46,7 @@ _lock = threading.Lock()
 _compiled: dict = {}  # (N, full) -> compiled function
 _ready: set = set()  # (N, full, dtype) compiled and run once
 _failed: list[str] = []  # the reason, once compiling failed
-HOST_THREADS = max(1, torch.get_num_threads())  # before any pass sets its own count
+_loop_threads: list[int] = []  # loop_threads(): the intra-op count for the compiled loops
 
 
 def _rows(xs):
@@ -135,7 +137,7 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
                     fn = _compiled.get(variant)
                     if fn is None:
                         fn = _compiled[variant] = torch.compile(_SOURCES[variant], fullgraph=True)
-                    sums = _on_host_threads(fn, views)
+                    sums = _run(fn, views)
                 except Exception as e:  # no compiler, unsupported platform...: eager from now on
                     lines = str(e).strip().splitlines()
                     _failed.append(f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__)
@@ -143,15 +145,27 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
                     return None
                 _ready.add(sig)
                 return _to_beta(sums, n, full), m
-    return _to_beta(_on_host_threads(_compiled[variant], views), n, full), m
+    return _to_beta(_run(_compiled[variant], views), n, full), m
 
 
-def _on_host_threads(fn, views):
-    """fn(*views) with HOST_THREADS intra-op threads (torch compiles once per count: always this one)."""
+@contextlib.contextmanager
+def loop_threads(n: int):
+    """Within the block the compiled loops run on n intra-op threads, whatever the count around
+    them (the engine's Gram pass sets 1 for its other ops). Calls are not concurrent there."""
+    _loop_threads.append(max(1, int(n)))
+    try:
+        yield
+    finally:
+        _loop_threads.pop()
+
+
+def _run(fn, views):
+    """fn(*views) on the loop_threads() count if one is set (torch compiles once per count)."""
     old = torch.get_num_threads()
-    if old == HOST_THREADS:
+    want = _loop_threads[-1] if _loop_threads else old
+    if want == old:
         return fn(*views)
-    torch.set_num_threads(HOST_THREADS)
+    torch.set_num_threads(want)
     try:
         return fn(*views)
     finally:

@@ -68,9 +68,32 @@ def test_fused_deterministic_across_calls_and_workers(fused_on):
     one = run(1)
     assert torch.equal(one, run(1))
     assert torch.equal(one, run(2))
-    for count in (1, 2, 3):  # the compiled loop runs on the host's intra-op threads: any count, same bits
-        fused_on.setattr(fused, "HOST_THREADS", count)
-        assert torch.equal(one, run(1)), f"{count} intra-op threads"
+    for count in (1, 2, 3):  # the engine runs the compiled loops on the host's threads: any count, same bits
+        with fused.loop_threads(count):
+            assert torch.equal(one, run(1)), f"{count} intra-op threads"
+
+
+def test_loop_threads_applies_to_the_compiled_loop_only(fused_on):
+    xs = _models(3, torch.float32, SIZES[0])
+    gram_matrix(xs, full=False)  # compiled
+    seen = []
+    inner = fused._compiled[(3, False)]
+
+    def spy(*views):
+        seen.append(torch.get_num_threads())
+        return inner(*views)
+
+    fused_on.setitem(fused._compiled, (3, False), spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with fused.loop_threads(3):
+            gram_matrix(xs, full=False)
+            assert torch.get_num_threads() == 1, "the count around the loop is restored"
+        gram_matrix(xs, full=False)  # no loop_threads: the caller's count
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [3, 1]
 
 
 def test_fused_identical_inputs_exact_and_gm_returns_them(fused_on):
