@@ -46,7 +46,7 @@ _lock = threading.Lock()
 _compiled: dict = {}  # (N, full) -> compiled function
 _ready: set = set()  # (N, full, dtype) compiled and run once
 _failed: list[str] = []  # the reason, once compiling failed
-_loop_threads: list[int] = []  # loop_threads(): the intra-op count for the compiled loops
+_tls = threading.local()  # .loop: loop_threads() counts of this thread, innermost last
 
 
 def _rows(xs):
@@ -150,19 +150,21 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
 
 @contextlib.contextmanager
 def loop_threads(n: int):
-    """Within the block the compiled loops run on n intra-op threads, whatever the count around
-    them (the engine's Gram pass sets 1 for its other ops). Calls are not concurrent there."""
-    _loop_threads.append(max(1, int(n)))
+    """Within the block (on this thread) the compiled loops run on n intra-op threads, whatever the
+    count around them (the engine's Gram pass sets 1 for its other ops)."""
+    stack = _tls.__dict__.setdefault("loop", [])
+    stack.append(max(1, int(n)))
     try:
         yield
     finally:
-        _loop_threads.pop()
+        stack.pop()
 
 
 def _run(fn, views):
     """fn(*views) on the loop_threads() count if one is set (torch compiles once per count)."""
     old = torch.get_num_threads()
-    want = _loop_threads[-1] if _loop_threads else old
+    stack = getattr(_tls, "loop", None)
+    want = stack[-1] if stack else old
     if want == old:
         return fn(*views)
     torch.set_num_threads(want)
