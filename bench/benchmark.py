@@ -26,7 +26,6 @@ achieved bandwidth.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels.threads import intra_op_threads  # noqa: E402
 from bench import bench_host, bench_kernels, bench_memory  # noqa: E402
 from bench._shapes import checksum, synthetic_models, unet_shapes  # noqa: E402
 
@@ -96,17 +96,6 @@ def measured(fn, rounds):
             best = min(best, time.perf_counter() - t)
         peak = max(peak, p.extra)
     return best, peak
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _ram(b):
@@ -174,7 +163,7 @@ def kernel_section(table, fraction, rounds, device="cpu"):
             steps.append((f"{label} {scope}: Gram pass + solve", linear(method, scope, False)))
         steps.append((f"{label} tensor: + combine (fp16 out)", linear(method, "tensor", True)))
     steps += [("element median (GM element scope)", element), ("sign-elected median (base, drop 0)", sign_elected)]
-    with torch_threads(1 if dev.type == "cpu" else None):
+    with intra_op_threads(1 if dev.type == "cpu" else None):
         fused_why = bench_kernels.fused_available(keys) if dev.type == "cpu" else "CPU only"
         if fused_why is None:  # opt-in fused kernels (BARYCENTER_CPU_KERNELS=fused), compiled here first
             bench_kernels.wa_fused(keys[:1], w)
@@ -201,7 +190,7 @@ def peer_section(table, rounds, stride=50):
     shapes = unet_shapes("sd15")[::stride]
     models = synthetic_models(shapes, 3, seed=0)
     keys = [[m[j] for m in models] for j in range(len(shapes))]
-    with torch_threads(1):
+    with intra_op_threads(1):
         ours_gm, _ = measured(lambda: bench_kernels.ours(keys, "geometric_median", full=False, combine=True), rounds)
         ours_k, _ = measured(lambda: bench_kernels.ours(keys, "karcher", full=True, combine=True), rounds)
         sm, sm_err = bench_kernels.sd_mecha_times(keys, (torch.float16,))

@@ -1,7 +1,6 @@
 """Shims over the few ComfyUI APIs that differ between the March-2024 snapshot and current ComfyUI."""
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -71,23 +70,6 @@ def cpu_workers(cap: int = 8) -> int:
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
     return max(1, min(cap, n))
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int | None):
-    """Run a block with `n` intra-op threads. The CPU Gram pass works on cache-sized chunks: with
-    several threads each chunk pays a fork/join, and on a busy machine (a ComfyUI server, other
-    jobs) spinning workers made it 10-25x slower than one thread (bench/bench_host.py). The pass
-    runs its keys on cpu_workers() Python threads instead (kernels/gram_pass.py)."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def check_interrupted() -> None:

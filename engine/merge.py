@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..kernels import fused as fused_kernels
+from ..kernels.threads import intra_op_threads
 from ..kernels import (GramPass, MergeInputError, block_of, pairwise_distances, parse_weights, resolve,
                        scope_units, solve, task_vector_coefficients)
 from . import gram_cache, host_api, staging
@@ -197,7 +198,10 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     # they flag is read again (reread) to be named or recomputed
     grams = GramPass(len(keys), full=full, workers=workers,
                      reread=lambda j: _read_all(sources, base, keys[j], dev, move))
-    with fused_kernels.loop_threads(torch.get_num_threads()), host_api.cpu_threads(1 if dev.type == "cpu" else None):
+    # one intra-op thread per op on CPU: the pass works on cache-sized chunks, and with several
+    # threads each pays a fork/join (on a busy machine 10-25x slower than one thread); its keys
+    # run on cpu_workers() Python threads instead (kernels/gram_pass.py)
+    with fused_kernels.loop_threads(torch.get_num_threads()), intra_op_threads(1 if dev.type == "cpu" else None):
         try:
             for j, xs, b in _read_keys(sources, base, keys, dev, move):
                 grams.add(j, xs, b, keys[j])

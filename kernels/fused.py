@@ -35,6 +35,8 @@ import threading
 
 import torch
 
+from .threads import intra_op_threads
+
 SUB_BLOCK = 1024
 MAX_INPUTS = 4  # N(N+1)/2 products per element; beyond 4 inputs the eager bmm is as good
 MIN_BLOCKS = 16  # keys below 16 sub-blocks are not worth a compiled call
@@ -162,16 +164,9 @@ def loop_threads(n: int):
 
 def _run(fn, views):
     """fn(*views) on the loop_threads() count if one is set (torch compiles once per count)."""
-    old = torch.get_num_threads()
     stack = getattr(_tls, "loop", None)
-    want = stack[-1] if stack else old
-    if want == old:
+    with intra_op_threads(stack[-1] if stack else None):
         return fn(*views)
-    torch.set_num_threads(want)
-    try:
-        return fn(*views)
-    finally:
-        torch.set_num_threads(old)
 
 
 def _to_beta(sums: torch.Tensor, n: int, full: bool) -> torch.Tensor:

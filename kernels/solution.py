@@ -8,6 +8,7 @@ import torch
 
 from .errors import MergeInputError
 from .inputs import check_weights
+from .threads import intra_op_threads
 
 
 @dataclass
@@ -57,15 +58,8 @@ CHECK_EVERY = 8  # CPU only: look at the convergence mask every this many steps
 def small_op_threads(device: torch.device):
     """The solvers' tensors are tiny (K x N x N): on CPU run them on one thread (ATen parallelises
     some ops above 2048 elements, and a fork/join per tiny op costs more than the op)."""
-    if torch.device(device).type != "cpu":
+    with intra_op_threads(1 if torch.device(device).type == "cpu" else None):
         yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def may_stop(done: torch.Tensor, step: int) -> bool:
