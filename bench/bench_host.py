@@ -148,6 +148,8 @@ def read_once(tensors) -> None:
 def inprocess_section(arch, repeats, kernels=("eager",)):
     import torch
 
+    from kernels.threads import intra_op_threads
+
     kernels = [kernels] if isinstance(kernels, str) else list(kernels)
     os.environ[KERNELS_ENV] = kernels[0]
     os.environ[CACHE_ENV] = "0"  # every call reads the inputs: node time vs one read
@@ -196,12 +198,8 @@ def inprocess_section(arch, repeats, kernels=("eager",)):
             torch.cuda.synchronize()
 
         def one_read_1_thread():  # each op of the engine's CPU Gram pass runs on one thread
-            old = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with intra_op_threads(1):
                 one_read()
-            finally:
-                torch.set_num_threads(old)
 
         def node(cls, kernel=kernels[0], **kw):
             def run():

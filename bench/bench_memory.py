@@ -79,16 +79,12 @@ def build_models(arch: str, n: int):
 
 
 def one_read(models) -> float:
-    import torch
+    from kernels.threads import intra_op_threads
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         t = time.perf_counter()
         read_once([w for m in models for w in m.model.diffusion_model.state_dict().values()])
         return time.perf_counter() - t
-    finally:
-        torch.set_num_threads(old)
 
 
 def run_config(name: str, methods: list[str]) -> dict:

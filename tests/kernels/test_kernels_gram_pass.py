@@ -6,6 +6,7 @@ import torch
 
 from kernels import GramPass, MergeInputError, gram_matrix
 from kernels.gram_pass import SMALL_KEY
+from kernels.threads import intra_op_threads
 
 
 def _keys(n_models, dtype, seed=0, base=False):
@@ -92,12 +93,8 @@ def _poison(keys, j, where) -> str:
 @pytest.mark.parametrize("full", [True, False])
 def test_threads_give_bit_identical_grams(full):
     keys = _keys(3, torch.float16, seed=7, base=True)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         assert torch.equal(_pass(keys, full, workers=3), _pass(keys, full, workers=1))
-    finally:
-        torch.set_num_threads(old)
 
 
 def test_threads_raise_the_same_error_as_one_thread():

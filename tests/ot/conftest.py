@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.threads import intra_op_threads
+
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
@@ -17,10 +19,8 @@ if str(HERE) not in sys.path:
 def _one_thread():
     """These tests run small problems: one thread is as fast on an idle machine and far faster on
     a shared 2-core one (two spinning OpenMP threads against other processes)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
