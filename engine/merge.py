@@ -194,8 +194,8 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     fused = fused_kernels.enabled() and len(sources) <= fused_kernels.MAX_INPUTS
     workers = host_api.cpu_workers() if dev.type == "cpu" and not fused else 1
     move = staging.mover(dev)
-    # on a GPU the pass queues work without waiting for it; the checks run at the end, and a key
-    # they flag is read again (reread) to be named or recomputed
+    # the per-key checks run at the end (on a GPU the pass then queues work without waiting for
+    # it); a key they flag is read again (reread) to be named or recomputed
     grams = GramPass(len(keys), full=full, workers=workers,
                      reread=lambda j: _read_all(sources, base, keys[j], dev, move))
     # one intra-op thread per op on CPU: the pass works on cache-sized chunks, and with several

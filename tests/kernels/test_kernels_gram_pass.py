@@ -111,6 +111,49 @@ def test_threads_raise_the_same_error_as_one_thread():
     assert messages[0] == messages[1]
 
 
+def _pass_rereading(keys, full, workers=1):
+    """The engine's CPU pass: given `reread`, the large keys' checks and map wait for result()."""
+    reads = []
+
+    def reread(j):
+        reads.append(j)
+        return keys[j]
+
+    gp = GramPass(len(keys), full=full, workers=workers, reread=reread)
+    for j, (xs, b) in enumerate(keys):
+        gp.add(j, xs, b, f"k{j}")
+    return gp.result(), reads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("base", [False, True])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_checks_at_the_end_give_the_same_bits(dtype, full, base, workers):
+    keys = _keys(3, dtype, seed=13, base=base)
+    with intra_op_threads(1):
+        got, reads = _pass_rereading(keys, full, workers)
+        ref = _pass(keys, full)
+    assert torch.equal(got, ref)
+    # nothing to act on, so nothing read again (fp8 rounds some tiny keys' inputs equal)
+    assert not reads or dtype == torch.float8_e4m3fn, reads
+
+
+def test_checks_at_the_end_flag_zero_points_and_name_nonfinite():
+    keys = _keys(3, torch.float32)
+    zero = [([xs[0], torch.zeros_like(xs[1]), xs[2]], None) for xs, _ in keys]
+    got, reads = _pass_rereading(zero, True)
+    large = [j for j, (xs, _) in enumerate(keys) if xs[0].numel() > SMALL_KEY]
+    assert reads == large, "every large key with a zero point is flagged and read again"
+    assert torch.equal(got, _pass(zero, True))
+    for where in ("model", "base"):
+        poisoned = _keys(3, torch.float16, base=True)
+        needle = _poison(poisoned, 9, where)
+        assert poisoned[9][0][0].numel() > SMALL_KEY
+        with pytest.raises(MergeInputError, match=f"'k9': {needle}"):
+            _pass_rereading(poisoned, False)
+
+
 # --- the deferred pass (what the engine runs on a GPU): no host sync until result() ----------
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
