@@ -104,8 +104,9 @@ def wa_naive(keys, w):
 
 # ---------------------------------------------------------------- ours
 def gram_pass(keys, full):
-    """The engine's Gram pass (engine/merge.py): GramPass, small keys batched."""
-    gp = kernels.GramPass(len(keys), full=full)
+    """The engine's Gram pass (engine/merge.py): GramPass, small keys batched, the per-key
+    checks at the end (given reread, as the engine gives it)."""
+    gp = kernels.GramPass(len(keys), full=full, reread=lambda j: (keys[j], None))
     for j, xs in enumerate(keys):
         gp.add(j, xs)
     return gp.result()
