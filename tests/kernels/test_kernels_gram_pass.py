@@ -111,18 +111,19 @@ def test_threads_raise_the_same_error_as_one_thread():
     assert messages[0] == messages[1]
 
 
-def _pass_rereading(keys, full, workers=1):
-    """The engine's CPU pass: given `reread`, the large keys' checks and map wait for result()."""
+def _pass_rereading(keys, full, workers=1, deferred=None):
+    """The engine's pass: given `reread`, the checks of keys done one at a time wait for result()
+    (deferred=True: small keys batched as for a GPU too). (Grams, keys read again)."""
     reads = []
 
     def reread(j):
         reads.append(j)
         return keys[j]
 
-    gp = GramPass(len(keys), full=full, workers=workers, reread=reread)
+    gp = GramPass(len(keys), full=full, workers=workers, reread=reread, deferred=deferred)
     for j, (xs, b) in enumerate(keys):
         gp.add(j, xs, b, f"k{j}")
-    return gp.result(), reads
+    return gp.result().cpu(), reads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float8_e4m3fn])
@@ -161,16 +162,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
 
 def _deferred(keys, full, device):
     on = [([x.to(device) for x in xs], None if b is None else b.to(device)) for xs, b in keys]
-    reads = []
-
-    def reread(j):
-        reads.append(j)
-        return on[j]
-
-    gp = GramPass(len(on), full=full, reread=reread, deferred=True if device == "cpu" else None)
-    for j, (xs, b) in enumerate(on):
-        gp.add(j, xs, b, f"k{j}")
-    return gp.result().cpu(), reads
+    return _pass_rereading(on, full, deferred=True if device == "cpu" else None)
 
 
 @pytest.mark.parametrize("device", DEVICES)
