@@ -1,13 +1,23 @@
 """Shims over the few ComfyUI APIs that differ between the March-2024 snapshot and current ComfyUI."""
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import sys
+import threading
 import time
 
 import torch
 
 import comfy.model_management as mm
 import comfy.utils
+
+from ..kernels import fused as fused_kernels
+from ..kernels.errors import error_line
+
+log = logging.getLogger(__name__)
+WARM_UP_ENV = "BARYCENTER_FUSED_WARM_UP"
 
 
 def _lora_calculate_weight():
@@ -40,10 +50,32 @@ def restrength_last_patch(patcher, key: str, strength_patch: float, strength_mod
     entries[-1] = (float(strength_patch), last[1], float(strength_model)) + tuple(last[3:])
 
 
-def compute_device(choice: str) -> torch.device:
+def compute_device(choice: str) -> tuple[torch.device, str | None]:
+    """(device, note): cpu, or for `auto` ComfyUI's torch device when it computes in float64 (the
+    Gram and the solvers' state need it). Apple's MPS has no float64 (nor have DirectML and some
+    Intel GPUs): there `auto` merges on the CPU (on Apple silicon the same unified memory), and the
+    note says why (the report carries it; the log says it once per device)."""
     if choice == "cpu":
-        return torch.device("cpu")
-    return mm.get_torch_device()
+        return torch.device("cpu"), None
+    dev = torch.device(mm.get_torch_device())
+    note = None if dev.type == "cpu" else _no_float64_note(str(dev))
+    return (dev, None) if note is None else (torch.device("cpu"), note)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_float64_note(device: str) -> str | None:
+    """None when `device` runs a float64 matmul right, else why a merge goes to the CPU (asked, and
+    logged, once per device)."""
+    try:
+        x = torch.full((2, 2), 1.0 + 2.0 ** -40, dtype=torch.float64, device=device)
+        if float((x @ x)[0, 0].cpu()) == 2.0 * (1.0 + 2.0 ** -40) ** 2:
+            return None
+        why = "a float64 product came back rounded"
+    except Exception as e:  # TypeError on MPS: "Cannot convert a MPS Tensor to float64 dtype ..."
+        why = error_line(e, 160)
+    note = f"{device} does not compute in float64 (the Gram and the solvers need it; {why}): merged on the CPU"
+    log.warning("comfyui-barycenter: %s", note)
+    return note
 
 
 def make_room(device: torch.device, nbytes: int) -> None:
@@ -95,3 +127,45 @@ class Progress:
         if done >= self.total or now - self.last >= self.INTERVAL:
             self.bar.update_absolute(done)
             self.last = now
+
+
+def warm_fused_kernels_on_start() -> bool:
+    """With BARYCENTER_CPU_KERNELS=fused: compile the fused CPU Gram kernels in a background thread
+    as soon as the server starts (after every node pack has been imported), so that a merge queued
+    later does not spend 3-20 s compiling. True when the warm-up was arranged.
+    BARYCENTER_FUSED_WARM_UP=0 leaves compiling to the first merge that needs each kernel."""
+    if not fused_kernels.enabled() or os.environ.get(WARM_UP_ENV, "1").strip() == "0":
+        return False
+    server = sys.modules.get("server")  # ComfyUI's, imported before it loads node packs; absent in-process
+    app = getattr(getattr(getattr(server, "PromptServer", None), "instance", None), "app", None)
+    if app is None:
+        return False
+
+    def start():
+        threading.Thread(target=_warm_up, name="barycenter-fused-warm-up", daemon=True).start()
+
+    async def on_startup(_app):
+        start()
+
+    try:
+        app.on_startup.append(on_startup)
+    except RuntimeError:  # the server is already up (the pack loaded late): start now
+        start()
+    return True
+
+
+def _warm_up() -> None:
+    t0 = time.monotonic()
+    dtypes = [torch.float32]  # ComfyUI's weights on a CPU host; also the host's UNet dtype
+    try:
+        unet = mm.unet_dtype()
+        if unet in fused_kernels.DTYPES and unet not in dtypes:
+            dtypes.append(unet)
+        ready = fused_kernels.warm_up(dtypes)
+    except Exception as e:  # never take the server down: a merge compiles on demand instead
+        log.warning("comfyui-barycenter: warming up the fused CPU Gram kernels failed: %s: %s", type(e).__name__, e)
+        return
+    if ready:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        log.info("comfyui-barycenter: fused CPU Gram kernels ready (%d: 2-%d inputs, %s) in %.1f s",
+                 len(ready), fused_kernels.MAX_INPUTS, names, time.monotonic() - t0)

@@ -73,6 +73,7 @@ def validate(sources: list[Source], base: Source | None) -> list[str]:
     return keys
 
 
+@torch.no_grad()  # ComfyUI runs nodes in inference mode; a caller outside it may hold weights that require grad
 def merge(sources: list[Source], *, method: str, weights="", base: Source | None = None,
           strength: float = 1.0, scope: str = "tensor", params: dict | None = None,
           device: str = "auto") -> MergeResult:
@@ -87,7 +88,7 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
     keys, kept = drop_unloaded_keys(sources, base, keys)
     n = len(sources)
     w = parse_weights(weights, n)
-    dev = host_api.compute_device(device)
+    dev, device_note = host_api.compute_device(device)
     t0 = time.perf_counter()
     report: dict = {
         "method": method, "scope": scope, "models": [s.name for s in sources],
@@ -95,6 +96,8 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
         "base": base.name if base is not None else None, "strength": float(strength),
         "device": str(dev), "keys": len(keys),
     }
+    if device_note:
+        report["device_note"] = device_note
     if kept:
         report["kept_from_first"] = kept
     merged = sources[0].owner.clone()

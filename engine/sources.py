@@ -45,7 +45,8 @@ class Source:
                 return moved
             w = moved.to(torch.float32)
         elif convert is None and len(entry) == 1:
-            return weight if weight.device == device else weight.to(device, non_blocking=True)
+            # non_blocking only onto CUDA (MPS to CPU copies are not waited for: torch's MPS bugs)
+            return weight if weight.device == device else weight.to(device, non_blocking=device.type == "cuda")
         else:
             w = weight.to(device=device, dtype=torch.float32, copy=True)
         if convert is not None:

@@ -19,6 +19,8 @@ from .paths import CACHE, VENV_PYTHON
 
 GPU_ENV = "BARYCENTER_COMFY_GPU"
 FP16_ENV = "BARYCENTER_COMFY_FP16_UNET"
+# what the pack logs once it has compiled its fused CPU kernels at startup (engine/host_api.py)
+FUSED_READY_LOG = "fused CPU Gram kernels ready"
 
 
 def gpu_host() -> bool:
@@ -118,6 +120,17 @@ class ComfyServer:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def wait_for_log(self, text: str, timeout: float = 600.0) -> float:
+        """Seconds until `text` appears in the server's log (RuntimeError if the server exits first)."""
+        t0 = time.monotonic()
+        while text not in self.log_path.read_text(errors="replace"):
+            if not self.alive():
+                raise RuntimeError(f"ComfyUI exited before logging '{text}'; log:\n{self.log_tail()}")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"no '{text}' in the server log within {timeout:.0f} s; log:\n{self.log_tail()}")
+            time.sleep(0.05)
+        return time.monotonic() - t0
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

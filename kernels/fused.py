@@ -15,7 +15,8 @@ summation order only.
 
 Opt-in (BARYCENTER_CPU_KERNELS=fused) because compiling costs time: 10-20 s for the first kernel the
 first time on a machine, 1-2 s per further (N, kind, dtype); about 3-4 s per process after (torch
-caches the compiled code on disk).
+caches the compiled code on disk). In ComfyUI the pack compiles them in the background when the
+server starts (warm_up, engine/host_api.py), so a merge queued after that does not wait.
 Needs a C++ compiler (inductor's). When anything in compiling fails the process falls back to the
 eager kernel for good, with one warning naming the reason, so a given machine always takes the
 same path (same inputs, same bits).
@@ -35,6 +36,7 @@ import threading
 
 import torch
 
+from .errors import error_line
 from .threads import intra_op_threads
 
 SUB_BLOCK = 1024
@@ -127,27 +129,56 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
     m = s * SUB_BLOCK
     views = [x[:m].view(s, SUB_BLOCK) for x in flat]
     variant = (n, bool(full))
-    sig = variant + (flat[0].dtype,)
-    if sig not in _ready:
-        with _lock:  # compile once, not concurrently from the Gram pass's worker threads
-            if _failed:
-                return None
-            if sig not in _ready:
-                for v in views:  # compiled for any number of sub-blocks: no recompile per key size
-                    torch._dynamo.mark_dynamic(v, 0)
-                try:
-                    fn = _compiled.get(variant)
-                    if fn is None:
-                        fn = _compiled[variant] = torch.compile(_SOURCES[variant], fullgraph=True)
-                    sums = _run(fn, views)
-                except Exception as e:  # no compiler, unsupported platform...: eager from now on
-                    lines = str(e).strip().splitlines()
-                    _failed.append(f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__)
-                    log.warning("comfyui-barycenter: %s=fused but %s; using the eager Gram kernel", ENV, _failed[0])
-                    return None
-                _ready.add(sig)
-                return _to_beta(sums, n, full), m
+    if variant + (flat[0].dtype,) not in _ready:
+        sums = _compile_and_run(variant, views, "first use")
+        if sums is None:
+            return None
+        return _to_beta(sums, n, full), m
     return _to_beta(_run(_compiled[variant], views), n, full), m
+
+
+def _compile_and_run(variant, views, why: str) -> torch.Tensor | None:
+    """Compile `variant` for the views' dtype (once per process; concurrent callers wait) and run it
+    on them: the sums, or None when compiling failed (then for good, with one warning)."""
+    sig = variant + (views[0].dtype,)
+    with _lock:  # compile once, not concurrently from the Gram pass's worker threads or the warm-up
+        if _failed:
+            return None
+        if sig in _ready:
+            return _run(_compiled[variant], views)
+        log.log(logging.DEBUG if why == "warm-up" else logging.INFO,
+                "comfyui-barycenter: compiling the fused CPU Gram kernel for %d inputs (%s, %s; %s)",
+                variant[0], "full" if variant[1] else "centred", str(sig[2]).replace("torch.", ""), why)
+        for v in views:  # compiled for any number of sub-blocks: no recompile per key size
+            torch._dynamo.mark_dynamic(v, 0)
+        try:
+            fn = _compiled.get(variant)
+            if fn is None:
+                fn = _compiled[variant] = torch.compile(_SOURCES[variant], fullgraph=True)
+            sums = _run(fn, views)
+        except Exception as e:  # no compiler, unsupported platform...: eager from now on
+            _failed.append(error_line(e))
+            log.warning("comfyui-barycenter: %s=fused but %s; using the eager Gram kernel", ENV, _failed[0])
+            return None
+        _ready.add(sig)
+        return sums
+
+
+def warm_up(dtypes=(torch.float32,)) -> list[tuple]:
+    """Compile every variant (2..MAX_INPUTS inputs, full and centred) for each dtype now, so that
+    no merge waits for it: the (N, full, dtype) ready after the call (empty when the fused kernels
+    are off or do not compile). Runs at the thread count in force, never changes it (the engine
+    runs the loops at the host's count, and torch compiles once per count)."""
+    done = []
+    for dtype in dtypes:
+        for n in range(2, MAX_INPUTS + 1):
+            for full in (False, True):
+                if not enabled():
+                    return done
+                zeros = [torch.zeros(MIN_BLOCKS, SUB_BLOCK, dtype=dtype) for _ in range(n)]
+                if (n, full, dtype) in _ready or _compile_and_run((n, full), zeros, "warm-up") is not None:
+                    done.append((n, full, dtype))
+    return done
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ TIPS = {
     "base_model": "Optional base: merge the task vectors (input - base) and add them back to the base "
                   "(task-vector mode).",
     "strength": "Task-vector mode only: result = base + strength * merge(inputs - base).",
-    "device": "Where the merge is computed: auto = ComfyUI's torch device (the GPU when there is one), or cpu.",
+    "device": "Where the merge is computed: auto = ComfyUI's torch device (the GPU when there is one; the CPU "
+              "where that device has no float64, e.g. Apple MPS), or cpu.",
     "scope": "Which weights share one solve: tensor = each key alone, block = each UNet/CLIP block, "
              "model = the whole model as one point.",
 }

@@ -73,6 +73,7 @@ class _LazyProgress:
         self.bar(done)
 
 
+@torch.no_grad()  # as engine.merge: no autograd, whoever calls
 def run_ot(kind: str, kwargs: dict):
     label = "model" if kind == "MODEL" else "clip"
     sources, _ = collect(kind, kwargs)
@@ -86,7 +87,7 @@ def run_ot(kind: str, kwargs: dict):
             raise MergeInputError(f"anchor {int(kwargs.get('anchor', 1))} is out of range: {anchor_name} is not "
                                   f"connected (connected: {', '.join(names)})")
         anchor = names.index(anchor_name)
-        dev = host_api.compute_device(kwargs.get("device", "auto"))
+        dev, device_note = host_api.compute_device(kwargs.get("device", "auto"))
         first = sources[0]
         shapes = {k: tuple(first.stored(k).shape) for k in keys}
         largest = max(first.stored(k).numel() for k in keys)
@@ -124,7 +125,8 @@ def run_ot(kind: str, kwargs: dict):
     host_api.release(dev)
     rep = _relabel(rep, names)
     report = {"method": "ot_fusion", "scope": "tensor", "models": names, "family": first.family,
-              "device": str(dev), "keys": len(keys), "lazy_keys": len(lin_keys), "set_keys": len(set_patches),
+              "device": str(dev), **({"device_note": device_note} if device_note else {}),
+              "keys": len(keys), "lazy_keys": len(lin_keys), "set_keys": len(set_patches),
               **({"kept_from_first": kept} if kept else {}),
               **{k: v for k, v in rep.items() if k not in ("method",)},
               "timing": {"total_s": time.perf_counter() - t0, **rep.get("seconds", {})}}

@@ -70,6 +70,7 @@ class Parsed:
     timing: dict = field(default_factory=dict)
     device: str | None = None
     gram: str | None = None  # "computed", or "reused" from an earlier merge of the same inputs
+    device_note: str | None = None  # why the merge ran elsewhere than device=auto would say
 
     @property
     def n(self) -> int:
@@ -143,7 +144,8 @@ def parse_report(text) -> Parsed:
                strength=_number(data.get("strength")) or 1.0, keys=data.get("keys"),
                distances=[[float(v) for v in r] for r in distances] if distances else None,
                units=len(units), timing=data.get("timing") if isinstance(data.get("timing"), dict) else {},
-               device=data.get("device"), gram=data.get("gram") if isinstance(data.get("gram"), str) else None)
+               device=data.get("device"), gram=data.get("gram") if isinstance(data.get("gram"), str) else None,
+               device_note=data.get("device_note") if isinstance(data.get("device_note"), str) else None)
     # convergence
     for u in units:
         it = u.get("iterations")
@@ -232,6 +234,8 @@ def summary(p: Parsed) -> str:
     if total is not None:
         reused = " (Grams reused from an earlier merge of the same inputs)" if p.gram == "reused" else ""
         lines.append(f"time: {total:.2f} s on {p.device or '?'}{reused}")
+    if p.device_note:
+        lines.append(f"device: {p.device_note}")
     return "\n".join(lines)
 
 

@@ -96,3 +96,14 @@ def tensors_hash(sd: dict[str, torch.Tensor]) -> str:
 
 def save_model_graph(g: Graph, model, clip, vae, prefix: str) -> str:
     return g.add("CheckpointSave", model=model, clip=clip, vae=vae, filename_prefix=prefix)
+
+
+def host_api_in_process():
+    """The pack's engine/host_api.py with ComfyUI imported in this process (no server)."""
+    import importlib
+
+    from harness.host import import_in_process
+    from harness.loading import load_pack
+
+    import_in_process()
+    return importlib.import_module(load_pack().__name__ + ".engine.host_api")

@@ -1,14 +1,24 @@
-"""A ComfyUI started with BARYCENTER_CPU_KERNELS=fused: the merge nodes run the compiled Gram
-kernels (the report says so) and save the same merge as the kernels compute here."""
+"""A ComfyUI started with BARYCENTER_CPU_KERNELS=fused: the pack compiles the kernels when the
+server starts, the merge nodes then run them without compiling (the report says fused) and save
+the same merge as the kernels compute here. In-process: when and how the warm-up is arranged."""
 from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import types
 
 import pytest
 
 from harness.graphs import Graph, load_checkpoint, merge_node
-from tests.host.helpers import saved_checkpoint, unet
+from harness.server import FUSED_READY_LOG
+from tests.host.helpers import host_api_in_process, saved_checkpoint, unet
 from tests.host.test_robust_nodes import NODES, assert_linear_close, capture, captured, expected_linear, family
 
 pytestmark = pytest.mark.host
+
+FIRST_USE = "; first use)"  # ends the pack's log line when a merge has to compile a kernel itself
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +29,7 @@ def fused_server(host, checkpoints_dir, tmp_path_factory):
                       env={"BARYCENTER_CPU_KERNELS": "fused"})
     srv.client = srv.start()
     try:
+        srv.wait_for_log(FUSED_READY_LOG)  # compiled at startup: no merge below compiles
         yield srv
     finally:
         srv.stop()
@@ -40,5 +51,87 @@ def test_fused_kernels_in_comfyui_equal_the_kernel_result(fused_server, node):
     run = fused_server.client.run(g.prompt(), timeout=600)
     assert run.status == "success", run.error_text
     assert captured(run, report_id)["cpu_gram_kernel"] == "fused"
+    log = fused_server.log_path.read_text(errors="replace")
+    assert FIRST_USE not in log, "a merge compiled a kernel that the startup warm-up should have"
     expected, _, scale = expected_linear(method, xs, settings)
     assert_linear_close(unet(saved_checkpoint(fused_server, prefix)), expected, scale)
+
+
+class _FakeApp:
+    """aiohttp's Application as far as the warm-up uses it: a startup-hook list, frozen once up."""
+
+    def __init__(self, frozen=False):
+        self.frozen = frozen
+        self.hooks = []
+        self.on_startup = self
+
+    def append(self, hook):
+        if self.frozen:
+            raise RuntimeError("Cannot modify frozen list.")
+        self.hooks.append(hook)
+
+
+@pytest.fixture
+def host_api(monkeypatch):
+    api = host_api_in_process()
+    started = []
+    monkeypatch.setattr(api, "_warm_up", lambda: started.append("warm-up"))
+    api.started = started
+    return api
+
+
+def _server_module(monkeypatch, app):
+    fake = types.ModuleType("server")
+    fake.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(app=app))
+    monkeypatch.setitem(sys.modules, "server", fake)
+
+
+def _join_warm_up():
+    for t in threading.enumerate():
+        if t.name == "barycenter-fused-warm-up":
+            t.join(10)
+
+
+@pytest.mark.parametrize("kernels, warm_up, arranged", [
+    ("fused", None, True), ("fused", "1", True), ("fused", "0", False), ("eager", None, False), (None, None, False)])
+def test_warm_up_runs_at_server_start_only_with_the_fused_kernels(host_api, monkeypatch, kernels, warm_up, arranged):
+    for env, value in (("BARYCENTER_CPU_KERNELS", kernels), (host_api.WARM_UP_ENV, warm_up)):
+        if value is None:
+            monkeypatch.delenv(env, raising=False)
+        else:
+            monkeypatch.setenv(env, value)
+    app = _FakeApp()
+    _server_module(monkeypatch, app)
+    assert host_api.warm_fused_kernels_on_start() is arranged
+    assert len(app.hooks) == (1 if arranged else 0) and host_api.started == []  # nothing before the server starts
+    for hook in app.hooks:
+        asyncio.run(hook(app))
+    _join_warm_up()
+    assert host_api.started == (["warm-up"] if arranged else [])
+
+
+def test_warm_up_starts_at_once_when_the_server_is_already_up(host_api, monkeypatch):
+    monkeypatch.setenv("BARYCENTER_CPU_KERNELS", "fused")
+    _server_module(monkeypatch, _FakeApp(frozen=True))
+    assert host_api.warm_fused_kernels_on_start()
+    _join_warm_up()
+    assert host_api.started == ["warm-up"]
+
+
+def test_no_warm_up_without_a_server(host_api, monkeypatch):
+    monkeypatch.setenv("BARYCENTER_CPU_KERNELS", "fused")
+    monkeypatch.delitem(sys.modules, "server", raising=False)
+    assert not host_api.warm_fused_kernels_on_start()
+
+
+def test_a_failing_warm_up_is_a_warning_not_a_crash(monkeypatch, caplog):
+    api = host_api_in_process()
+
+    def broken(dtypes):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(api.fused_kernels, "warm_up", broken)
+    with caplog.at_level(logging.WARNING, logger=api.__name__):
+        api._warm_up()  # returns: the server's thread must not die with an exception
+    assert any("warming up the fused CPU Gram kernels failed: OSError: disk full" in r.getMessage()
+               for r in caplog.records)

@@ -6,15 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.host.helpers import host_api_in_process
+
 pytestmark = pytest.mark.host
-
-
-def _host_api():
-    from harness.host import import_in_process
-    from harness.loading import load_file
-
-    import_in_process()
-    return load_file("engine/host_api.py", "barycenter_host_api")
 
 
 @pytest.mark.parametrize("vram, free_total, free_torch, empties", [
@@ -23,7 +17,7 @@ def _host_api():
     ("HIGH_VRAM", 6e9, 2e9, False),       # --highvram: ComfyUI keeps its cache too
 ])
 def test_release_follows_comfyuis_rule(monkeypatch, vram, free_total, free_torch, empties):
-    host_api = _host_api()
+    host_api = host_api_in_process()
     mm = host_api.mm
     calls = []
     monkeypatch.setattr(mm, "soft_empty_cache", lambda *a, **k: calls.append("cuda"))

@@ -117,6 +117,14 @@ def test_synthetic_outlier_picture_and_summary():
     assert "12/12 units converged" in text
 
 
+def test_device_note_in_the_summary():
+    note = "mps does not compute in float64 (the Gram and the solvers need it): merged on the CPU"
+    _, text = rep.BarycenterMergeReport().render(json.dumps({**json.loads(synthetic()), "device_note": note}))["result"]
+    assert f"device: {note}" in text
+    _, plain = rep.BarycenterMergeReport().render(synthetic())["result"]
+    assert "device:" not in plain
+
+
 def test_block_fallback_rule():
     assert rep.fallback_block_of("diffusion_model.input_blocks.4.1.proj_in.weight") == "diffusion_model.input_blocks.4"
     assert rep.fallback_block_of("clip_l.transformer.text_model.encoder.layers.7.mlp.fc1.weight") == \

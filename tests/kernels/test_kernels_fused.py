@@ -156,3 +156,46 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
 def test_off_by_default(monkeypatch):
     monkeypatch.delenv(fused.ENV, raising=False)
     assert not fused.enabled() and fused.status() == "eager"
+
+
+def test_warm_up_compiles_every_variant_so_merges_do_not(fused_on):
+    from torch._dynamo.utils import counters
+
+    ready = fused.warm_up([torch.float32])
+    want = [(n, full, torch.float32) for n in range(2, fused.MAX_INPUTS + 1) for full in (False, True)]
+    assert sorted(ready, key=str) == sorted(want, key=str)
+    graphs = counters["stats"]["unique_graphs"]
+    for n in range(2, fused.MAX_INPUTS + 1):  # new sizes, both kinds: nothing compiles any more
+        for size in SIZES:
+            xs = _models(n, torch.float32, size, seed=size)
+            for full in (False, True):
+                assert _rel(_gram("fused", fused_on, xs, full=full), _gram("eager", fused_on, xs, full=full)) < 1e-6
+    assert counters["stats"]["unique_graphs"] == graphs, "a merge compiled after the warm-up"
+
+
+def test_warm_up_leaves_the_thread_count_alone(fused_on):
+    calls = []
+    fused_on.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    fused_on.setattr(fused, "_ready", set())  # every variant runs again through the compile path
+    fused.warm_up([torch.float32])
+    assert calls == [], "the warm-up changed the process-wide intra-op thread count"
+
+
+def test_warm_up_does_nothing_when_off_and_stops_when_compiling_fails(monkeypatch, caplog):
+    for name, value in (("_compiled", {}), ("_ready", set()), ("_failed", [])):
+        monkeypatch.setattr(fused, name, value)
+    monkeypatch.setenv(fused.ENV, "eager")
+    assert fused.warm_up([torch.float32]) == [] and fused._compiled == {}
+    attempts = []
+
+    def no_compiler(*a, **k):
+        attempts.append(a)
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(fused.torch, "compile", no_compiler)
+    monkeypatch.setenv(fused.ENV, "fused")
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        assert fused.warm_up([torch.float32, torch.float16]) == []
+    assert len(attempts) == 1, "tried to compile again after the first failure"
+    assert fused.status().startswith("eager") and "no C++ compiler found" in fused.status()
+    assert sum("no C++ compiler found" in r.getMessage() for r in caplog.records) == 1
