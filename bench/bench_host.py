@@ -8,7 +8,9 @@
    each timed prompt changes one merge setting so the merge really runs). Ratio = GM / chain
    (goal <= 1.3). With the Gram cache on (the default) the re-queued GM reuses its Grams (only the
    solve runs: a mixer changing a weight); with --gram-cache off every GM prompt reads the inputs
-   again (a merge of new inputs).
+   again (a merge of new inputs). A server with --kernels fused compiles them when it starts, and
+   its first prompt is queued once its log says they are ready; --fused-warm-up off adds (or,
+   alone, runs) a server whose first merge compiles them ('first' GM: the difference).
 2. In-process (ComfyUI imported, models loaded as the host loads them): the merge node's time vs
    one read of the 3 inputs' weights, the floor of any merge that reads them: on CPU every byte
    read once and nothing written (read_once), on a GPU every tensor moved to it
@@ -39,6 +41,7 @@ from harness.graphs import Graph, conditioning, load_checkpoint, merge_node  # n
 SOLVER = {"max_iterations": 100, "eps": 1e-8, "scope": "tensor"}
 KERNELS_ENV = "BARYCENTER_CPU_KERNELS"
 CACHE_ENV = "BARYCENTER_GRAM_CACHE"
+WARM_UP_ENV = "BARYCENTER_FUSED_WARM_UP"
 
 
 def family(arch):
@@ -78,19 +81,23 @@ def queue_to_first_step(client, g, ks, timeout=900):
     raise TimeoutError("no sampler progress")
 
 
-def api_section(arch, repeats, kernels="eager", gram_cache="off"):
-    from harness.server import ComfyServer, default_run_dir
+def api_section(arch, repeats, kernels="eager", gram_cache="off", warm_up=True):
+    from harness.server import FUSED_READY_LOG, ComfyServer, default_run_dir
 
     names = [p.name for p in family(arch)]
     srv = ComfyServer(default_run_dir(f"bench-{arch}-{kernels}-{gram_cache}"), [checkpoints.CHECKPOINTS],
-                      env={KERNELS_ENV: kernels, CACHE_ENV: "1" if gram_cache == "on" else "0"})
+                      env={KERNELS_ENV: kernels, CACHE_ENV: "1" if gram_cache == "on" else "0",
+                           WARM_UP_ENV: "1" if warm_up else "0"})
     client = srv.start()
     client.listen()
     try:
         res = {}
+        if kernels == "fused" and warm_up:  # as a user who queues once the server has compiled them
+            res["warm-up"] = srv.wait_for_log(FUSED_READY_LOG)
         for kind in ("chain", "gm"):
             g, ks = _sampler_graph(names, kind, 0)
-            # warm: loaders, first model load (and compiling the fused kernels); reported as "first"
+            # warm: loaders, first model load (and compiling the fused kernels when not warmed up);
+            # reported as "first"
             res[f"first {kind}"] = queue_to_first_step(client, g, ks)
         for r in range(1, repeats + 1):
             for kind in ("chain", "gm"):
@@ -260,12 +267,20 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", nargs="+", default=["eager"], choices=["eager", "fused"],
                     help=f"CPU Gram kernels ({KERNELS_ENV}): the API part starts a server per choice; the "
                          f"in-process part runs every node with the first and GM/Karcher with the others")
+    ap.add_argument("--fused-warm-up", nargs="+", default=["on"], choices=["on", "off"],
+                    help=f"API part, fused kernels ({WARM_UP_ENV}): on = compiled when the server starts, the "
+                         f"first prompt queued once the log says they are ready; off = the first merge compiles")
     args = ap.parse_args(argv)
     print(f"# bench_host: {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}")
     for arch in args.arch:
-        for kernels, cache in ([] if args.skip_api else [(k, c) for k in args.kernels for c in args.gram_cache]):
-            q, host = api_section(arch, args.repeats, kernels, cache)
+        servers = [(k, c, w == "on") for k in args.kernels for c in args.gram_cache
+                   for w in (args.fused_warm_up if k == "fused" else ["on"])]
+        for kernels, cache, warm_up in ([] if args.skip_api else servers):
+            q, host = api_section(arch, args.repeats, kernels, cache, warm_up)
             what = "Gram reused, a setting changed" if cache == "on" else "Gram cache off, inputs read every time"
+            if kernels == "fused":
+                what += (f"; compiled at startup, ready {q['warm-up']:.1f} s after the server answered"
+                         if warm_up else "; compiled by the first merge")
             print(f"\n## {arch}: queue -> first sampler step ({host} ComfyUI, HTTP API, {kernels} CPU kernels, "
                   f"{what}; median of {args.repeats}; 'first' = the server's first prompt of that kind)")
             print(f"| merge | seconds | ratio to ModelMergeSimple chain |\n|---|---|---|")
