@@ -65,6 +65,19 @@ def server(host, checkpoints_dir, tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(autouse=True)
+def drop_saved_checkpoints(tmp_path_factory):
+    """Deletes the checkpoints a test's prompts saved once the test ends: each is tens of MB, the
+    suite saves hundreds (8+ GB in all), and CI machines may have little free disk. Files saved
+    by module or session fixtures (set up before this) stay for the tests that read them."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.glob("*/output/**/*.safetensors"))
+    yield
+    for f in base.glob("*/output/**/*.safetensors"):
+        if f not in before:
+            f.unlink(missing_ok=True)
+
+
 @pytest.fixture
 def comfy(server):
     """The API client, with models freed after each test so cases do not leak into each other."""
