@@ -118,6 +118,8 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
                 # steps: a GPU would spend them on launches and syncs)
                 grams = _gram_pass(sources, base, keys, dev, full=full).cpu()
                 gram_cache.store(cached, grams)
+                if dev.type == "cpu" and not fused_kernels.enabled():
+                    fused_kernels.suggest_once(len(sources))
             else:
                 host_api.Progress(1)(1)
             t_read = time.perf_counter()

@@ -100,6 +100,19 @@ def enabled() -> bool:
     return os.environ.get(ENV, "eager").strip().lower() == "fused" and not _failed
 
 
+_suggested: list[bool] = []
+
+
+def suggest_once(n_inputs: int) -> None:
+    """One INFO line per process at the first CPU Gram pass the fused kernels could take, when
+    BARYCENTER_CPU_KERNELS is unset: otherwise the halved CPU merge time is easy to miss."""
+    if _suggested or ENV in os.environ or not 2 <= n_inputs <= MAX_INPUTS:
+        return
+    _suggested.append(True)
+    log.info("comfyui-barycenter: CPU merges use the eager Gram kernels; with a C++ compiler installed, "
+             "start ComfyUI with %s=fused for about half the merge time (README: CPU merges)", ENV)
+
+
 def failure() -> str | None:
     """Why compiling failed in this process, or None."""
     return _failed[0] if _failed else None

@@ -135,3 +135,25 @@ def test_a_failing_warm_up_is_a_warning_not_a_crash(monkeypatch, caplog):
         api._warm_up()  # returns: the server's thread must not die with an exception
     assert any("warming up the fused CPU Gram kernels failed: OSError: disk full" in r.getMessage()
                for r in caplog.records)
+
+
+def test_an_eager_cpu_merge_suggests_the_fused_kernels_once(monkeypatch, caplog):
+    api = host_api_in_process()  # puts the host on sys.path
+    import comfy.sd
+
+    from harness.checkpoints import checkpoint
+    from harness.loading import load_pack
+    from tests.host.test_robust_nodes import FAMILY
+
+    monkeypatch.delenv("BARYCENTER_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(api.fused_kernels, "_suggested", [])
+    models = [comfy.sd.load_checkpoint_guess_config(str(checkpoint(seed=s, **FAMILY)), output_vae=False,
+                                                    output_clip=False)[0] for s in (1, 2, 3)]
+    gm = load_pack().NODE_CLASS_MAPPINGS["BarycenterGeometricMedian"]
+    with caplog.at_level(logging.INFO, logger=api.fused_kernels.__name__):
+        for weights in ("", "1,2,3"):
+            gm().merge(model_1=models[0], model_2=models[1], model_3=models[2], weights=weights, device="cpu",
+                       **NODES["BarycenterGeometricMedian"][1])
+    hints = [r for r in caplog.records if "BARYCENTER_CPU_KERNELS=fused" in r.getMessage()]
+    assert len(hints) == 1 and hints[0].levelno == logging.INFO
+

@@ -158,6 +158,20 @@ def test_off_by_default(monkeypatch):
     assert not fused.enabled() and fused.status() == "eager"
 
 
+def test_the_fused_kernels_are_suggested_once_when_the_choice_is_unset(monkeypatch, caplog):
+    monkeypatch.setattr(fused, "_suggested", [])
+    with caplog.at_level(logging.INFO, logger=fused.__name__):
+        monkeypatch.setenv(fused.ENV, "eager")
+        fused.suggest_once(3)  # chosen: no advice
+        monkeypatch.delenv(fused.ENV)
+        fused.suggest_once(fused.MAX_INPUTS + 1)  # too many inputs for them
+        assert not caplog.records
+        for n in (2, 3, 4):
+            fused.suggest_once(n)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert f"{fused.ENV}=fused" in caplog.records[0].getMessage()
+
+
 def test_warm_up_compiles_every_variant_so_merges_do_not(fused_on):
     from torch._dynamo.utils import counters
 
