@@ -16,7 +16,8 @@ Sections (rows of the one table):
   step, a chain of two ModelMergeSimple vs our geometric median of the same 3 models, for tiny
   SD1.5 checkpoints and for real-shape SD1.5 checkpoints (bench_host.py); and in a ComfyUI
   process, the merge node's time vs one read of the three models as ComfyUI loaded them (every
-  byte read once, nothing written: bench_host.read_once; on a GPU host, moved to the GPU).
+  byte read once, nothing written: bench_host.read_once; on a GPU host, moved to the GPU). Both
+  with the default kernels and, where they compile, the fused ones (a server of their own).
 - memory: 3 SDXL UNets and 8 SD1.5 UNets at real shapes (fp16) merged by GM and Karcher
   (bench_memory.py): peak RSS against the inputs' size, time against one read of them.
 --quick: a quarter of the keys, the tiny end-to-end case only, no SDXL memory run.
@@ -211,15 +212,20 @@ def peer_section(table, rounds, stride=50):
 
 
 def host_sections(table, archs, rounds):
+    """The ComfyUI rows; on a CPU host also with the fused kernels (BARYCENTER_CPU_KERNELS=fused)
+    when they compiled in this process's kernel rows."""
+    fused_ok = kernels.fused.failure() is None and not torch.cuda.is_available()
     for arch in archs:
-        for cache, what in (("off", "Gram read every time"), ("on", "a setting changed, Gram reused")):
-            q, host = bench_host.api_section(arch, rounds, gram_cache=cache)
-            section = f"ComfyUI {host}, {arch}, HTTP API"
+        for choice, cache, what in (("eager", "off", "Gram read every time"),
+                                    ("eager", "on", "a setting changed, Gram reused"),
+                                    ("fused", "off", "Gram read every time"))[:3 if fused_ok else 2]:
+            q, host = bench_host.api_section(arch, rounds, choice, gram_cache=cache)
+            section = f"ComfyUI {host}, {arch}, HTTP API" + (", fused kernels" if choice == "fused" else "")
             table.add(section, "queue → first step: 2× ModelMergeSimple", q["chain"], 1.0)
             table.add(section, f"queue → first step: GeometricMedian of 3 ({what})", q["gm"], q["gm"] / q["chain"],
                       note="ratio to the ModelMergeSimple chain")
     arch = archs[-1]
-    res, one_model, params, _ = bench_host.inprocess_section(arch, rounds)
+    res, one_model, params, _ = bench_host.inprocess_section(arch, rounds, ("eager", "fused") if fused_ok else "eager")
     floor = bench_host.read_floor(res)
     section = f"ComfyUI process, {arch} ({params / 1e6:.0f}M params, {one_model / MiB:.0f} MiB a model)"
     for name, (s, extra, _) in res.items():
