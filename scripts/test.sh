@@ -2,6 +2,9 @@
 # Newcomer command (b): set up everything, then run the whole test suite (host tests included).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# a first run needs ~13 GiB (measured: venvs 3.3, test checkpoints 7.5, merged outputs up to 1.5)
+free_gib=$(df -Pk "$root" | awk 'NR==2 {print int($4 / 1048576)}')
+[ "$free_gib" -ge 14 ] || echo "test.sh: only $free_gib GiB free under $root; a first run needs about 13 GiB" >&2
 bash "$root/scripts/bootstrap.sh"
 bash "$root/scripts/setup_browser.sh" || { [ "${CI:-}" = "true" ] && exit 1; echo "test.sh: no browser; tests/browser will skip" >&2; }
 cd "$root"
