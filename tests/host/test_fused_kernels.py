@@ -1,6 +1,7 @@
 """A ComfyUI started with BARYCENTER_CPU_KERNELS=fused: the pack compiles the kernels when the
 server starts, the merge nodes then run them without compiling (the report says fused) and save
-the same merge as the kernels compute here. In-process: when and how the warm-up is arranged."""
+the same merge as the kernels compute here. In-process: when and how the warm-up is arranged, and
+the one-time hint an eager CPU merge logs when the choice is unset."""
 from __future__ import annotations
 
 import asyncio
@@ -156,4 +157,3 @@ def test_an_eager_cpu_merge_suggests_the_fused_kernels_once(monkeypatch, caplog)
                        **NODES["BarycenterGeometricMedian"][1])
     hints = [r for r in caplog.records if "BARYCENTER_CPU_KERNELS=fused" in r.getMessage()]
     assert len(hints) == 1 and hints[0].levelno == logging.INFO
-
