@@ -12,8 +12,9 @@ Two passes over the key: the Gram of the τ̃_i (fp64-accumulated, pivoted like 
 combination; chunks are regenerated identically in the second pass (same seed, same chunking),
 so no N full-size fp32 copies are held.
 Randomness: a torch.Generator on the compute device, seeded from (seed, key) via CRC32 (so keys
-of one shape get different masks and a run is reproducible); never the global RNG. CPU and CUDA
-generators give different streams, so results with drop_rate > 0 differ between devices.
+of one shape get different masks and a run is reproducible); never the global RNG. An entry is
+kept where its uniform draw u in [0, 1) has u >= p, drawn chunk by chunk. CPU and CUDA generators
+(and chunk sizes) differ, so results with drop_rate > 0 differ between devices.
 Identical inputs with drop_rate 0 return the input (strength 1) bit-exactly.
 References: P. Yadav et al., "TIES-Merging", NeurIPS 2023; L. Yu et al., "Language models are
 Super Mario" (DARE), ICML 2024; Vardi & Zhang, PNAS 2000.
@@ -84,7 +85,10 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     kseed = key_seed(int(seed), key)
     kept = torch.zeros(n, dtype=torch.float64, device=dev)
 
-    def chunks():
+    elected = scratch("sign_elected.elected", (chunk,), cdt, dev)
+    positive = scratch("sign_elected.positive", (n, chunk), cdt, dev)
+
+    def chunks(count: bool = False):
         if gen is not None:
             gen.manual_seed(kseed)
         for a in range(0, numel, chunk):
@@ -95,20 +99,24 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
                 t[i].copy_(flat[i][a:e])
             t.sub_(bb)
             if gen is not None:
-                m = mask[:, : e - a].bernoulli_(1.0 - p, generator=gen)
-                t.mul_(m).mul_(1.0 / (1.0 - p))
-            elected = torch.sign(wd @ t)
-            t.mul_(torch.sign(t) == elected)
+                m = mask[:, : e - a].uniform_(generator=gen)  # 4x faster than bernoulli_ on CPU
+                t.mul_(torch.ge(m, p, out=m)).mul_(1.0 / (1.0 - p))  # kept with probability 1 - p
+            g = elected[: e - a]
+            torch.mm(wd[None], t, out=g[None]).sign_()
+            # keep τ where sgn τ = γ: τγ is |τ| there and <= 0 elsewhere (γ = 0 keeps nothing);
+            # multiplying by γ = ±1 again is exact. Float ops: bool masks are ~5x slower on CPU.
+            t.mul_(g).clamp_(min=0)
+            if count:
+                kept.add_(torch.gt(t, 0, out=positive[:, : e - a]).sum(1, dtype=torch.float64))
+            t.mul_(g)
             yield a, e, t, bb
 
     nchunks = max(1, -(-numel // chunk))
     parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
 
     def products(exp2: int = 0) -> torch.Tensor:
-        for j, (a, e, t, _) in enumerate(chunks()):
-            if not exp2:
-                kept.add_((t != 0).sum(1).to(torch.float64))
-            else:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
+        for j, (a, e, t, _) in enumerate(chunks(count=not exp2)):
+            if exp2:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
                 scale_pow2_(t, exp2)
             if n > 1:
                 t[1:].sub_(t[0])

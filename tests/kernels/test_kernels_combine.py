@@ -1,10 +1,13 @@
 """combine / task-vector coefficients / element median / sign-elected median."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from kernels import combine, element_median, parse_weights, sign_elected_median, task_vector_coefficients
+from kernels.element_median import selection_network, sorting_network
 from tests.kernels.kernels_ref import direct_weiszfeld, rel
 
 
@@ -61,6 +64,58 @@ def test_element_median_matches_brute_force(wt):
     for j in range(200):
         vals = [float(x[j]) for x in xs]
         assert float(out[j]) == pytest.approx(_brute_weighted_median(vals, w.tolist()), abs=1e-12), (j, vals)
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_sorting_network_sorts_every_0_1_input(n):
+    """0-1 principle (Knuth 5.3.4): a comparator network that sorts all 2^n 0/1 inputs sorts
+    every input. The selection network for the middle positions gets them right on the same set."""
+    net = sorting_network(n)
+    mid = (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
+    sel = selection_network(n, mid)
+    assert len(sel) <= len(net)
+    for bits in itertools.product((0, 1), repeat=n):
+        full, part = list(bits), list(bits)
+        for i, j in net:
+            full[i], full[j] = min(full[i], full[j]), max(full[i], full[j])
+        for i, j, lo, hi in sel:
+            a, b = part[i], part[j]
+            if lo:
+                part[i] = min(a, b)
+            if hi:
+                part[j] = max(a, b)
+        assert full == sorted(bits), (n, bits)
+        assert [part[k] for k in mid] == [full[k] for k in mid], (n, bits)
+
+
+def _sorted_weighted_median(xs, w):
+    """The definition by torch.sort along the models (fp64 cumulative weights; the midpoint of a
+    tie in the compute dtype)."""
+    v = torch.stack([x.reshape(-1).to(torch.promote_types(x.dtype, torch.float32)) for x in xs])
+    s, idx = torch.sort(v, dim=0)
+    cw = torch.as_tensor(w, dtype=torch.float64)[idx].cumsum(0)
+    k = (cw >= 0.5 - 1e-12).to(torch.int8).argmax(0)
+    lo = s.gather(0, k[None])[0]
+    hi = s.gather(0, (k + 1).clamp(max=len(xs) - 1)[None])[0]
+    tie = ((cw.gather(0, k[None])[0] - 0.5).abs() <= 1e-12) & (k < len(xs) - 1)
+    return torch.where(tie, (lo + hi) / 2, lo)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 7, 8, 12])
+@pytest.mark.parametrize("wt", ["equal", "random", "integer"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_element_median_network_matches_sort(n, wt, dtype):
+    g = torch.Generator().manual_seed(n)
+    w = {"equal": torch.ones(n), "random": torch.rand(n, generator=g) + 0.05,
+         "integer": torch.randint(1, 4, (n,), generator=g)}[wt]
+    w = parse_weights(w.tolist(), n)  # fp64, as the nodes pass them
+    for xs in ([torch.randn(3001, generator=g).to(dtype) for _ in range(n)],
+               [torch.randint(-2, 3, (3001,), generator=g).to(dtype) for _ in range(n)]):  # ties
+        want = _sorted_weighted_median(xs, w)
+        for chunk in (None, 1000):
+            out = element_median(xs, w, chunk_elems=chunk)
+            assert out.dtype == want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert torch.equal(out, want), (n, wt, dtype, chunk)
 
 
 def test_element_median_task_mode_and_exact_values():
