@@ -9,7 +9,9 @@ Sections (rows of the one table):
   fused kernels compile here; the "fused kernels" rows are the opt-in BARYCENTER_CPU_KERNELS=fused.
   Every method runs per scope: the Gram pass + solve is what a merge node does (a linear result goes to ComfyUI as patches);
   "+ combine" also writes the merged fp16 tensors. Element and sign-elected medians are tensor
-  methods (they always write the tensors). Peak RAM = extra RSS while the step runs.
+  methods (they always write the tensors): the element median with equal weights and with weights
+  1,2,3 (different code paths), the sign-elected one with and without a DARE drop. Peak RAM =
+  extra RSS while the step runs.
 - peers, on every 50th key (same tensors, equal weights): sd-mecha 1.1.8's geometric_median (in
   process) and mergekit 0.1.5's karcher (its own venv, .venv-peers), fp16 inputs, against ours.
 - ComfyUI end to end (the PyPI snapshot, or COMFYUI_DIR): POST /prompt -> the KSampler's first
@@ -145,15 +147,19 @@ def kernel_section(table, fraction, rounds, device="cpu"):
             kernels.combine(xs, w, dtype=xs[0].dtype)
         sync()
 
-    def element():
-        for j, xs in enumerate(keys):
-            kernels.element_median(xs, key=names[j]).to(xs[0].dtype)
-        sync()
+    def element(weights=None):
+        def run():
+            for j, xs in enumerate(keys):
+                kernels.element_median(xs, weights, key=names[j]).to(xs[0].dtype)
+            sync()
+        return run
 
-    def sign_elected():
-        for j, xs in enumerate(keys):
-            kernels.sign_elected_median(xs, bases[j], key=names[j])[0].to(xs[0].dtype)
-        sync()
+    def sign_elected(drop_rate=0.0):
+        def run():
+            for j, xs in enumerate(keys):
+                kernels.sign_elected_median(xs, bases[j], key=names[j], drop_rate=drop_rate)[0].to(xs[0].dtype)
+            sync()
+        return run
 
     section = f"kernels ({dev.type})"
     steps = [("weighted-average floor (fp16 out)", wa)]
@@ -163,7 +169,10 @@ def kernel_section(table, fraction, rounds, device="cpu"):
         for scope in ("tensor", "block", "model"):
             steps.append((f"{label} {scope}: Gram pass + solve", linear(method, scope, False)))
         steps.append((f"{label} tensor: + combine (fp16 out)", linear(method, "tensor", True)))
-    steps += [("element median (GM element scope)", element), ("sign-elected median (base, drop 0)", sign_elected)]
+    steps += [("element median (GM element scope)", element()),
+              ("element median, weights 1,2,3", element(kernels.parse_weights("1,2,3", 3))),
+              ("sign-elected median (base, drop 0)", sign_elected()),
+              ("sign-elected median (base, drop 0.3)", sign_elected(0.3))]
     with intra_op_threads(1 if dev.type == "cpu" else None):
         fused_why = bench_kernels.fused_available(keys) if dev.type == "cpu" else "CPU only"
         if fused_why is None:  # opt-in fused kernels (BARYCENTER_CPU_KERNELS=fused), compiled here first
