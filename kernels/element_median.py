@@ -69,9 +69,8 @@ def selection_network(n: int, outputs: tuple[int, ...]) -> tuple[tuple[int, int,
     return tuple(reversed(steps))
 
 
-def _select(rows: list, spare: torch.Tensor, steps) -> torch.Tensor:
-    """Run comparator steps on the row views in place (rows are permuted, not copied);
-    returns the buffer left spare."""
+def _select(rows: list, spare: torch.Tensor, steps) -> None:
+    """Run comparator steps on the row views in place (rows are permuted, not copied)."""
     for i, j, lo, hi in steps:
         a, b = rows[i], rows[j]
         if lo and hi:
@@ -82,7 +81,6 @@ def _select(rows: list, spare: torch.Tensor, steps) -> torch.Tensor:
             torch.minimum(a, b, out=a)
         else:
             torch.maximum(a, b, out=b)
-    return spare
 
 
 def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor | None = None, *,
@@ -141,10 +139,10 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
         rows = list(v[:n].unbind(0))
         if equal:
             _select(rows, v[n], steps)
-            if n % 2:
-                fo[a:e] = rows[n // 2]
+            if len(mid) == 1:
+                fo[a:e] = rows[mid[0]]
             else:
-                torch.add(rows[n // 2 - 1], rows[n // 2], out=fo[a:e]).div_(2)
+                torch.add(rows[mid[0]], rows[mid[1]], out=fo[a:e]).div_(2)
             continue
         _weighted_pick(rows, v[n], wbuf[:, : e - a], wl, steps, fbuf[:, : e - a], fbuf64[:, : e - a], fo[a:e])
     if not bool(torch.isfinite(total)):  # one host sync per key
