@@ -2,19 +2,20 @@
 then the geometric median of the sign-masked task vectors.
 
 Math. τ_i = x_i - base. Optional DARE drop (Yu et al. 2024): each entry of each τ_i is kept with
-probability 1 - p and rescaled by 1/(1 - p). Sign election (TIES, Yadav et al. 2023): per entry
-γ = sgn(Σ_i w_i τ_i) (the sign with the larger weighted total mass); entries of τ_i whose sign is
-not γ are zeroed, giving τ̃_i. Then the weighted geometric median of the τ̃_i (Weiszfeld with the
-Vardi-Zhang step, see geometric_median.py) over the whole tensor, and the result
-base + λ Σ c_i τ̃_i. The masks differ per element, so the result is a tensor, not a linear
+probability q = 1 - p (to 2^-33, dare.py) and rescaled by 1/q. Sign election (TIES, Yadav et al.
+2023): per entry γ = sgn(Σ_i w_i τ_i) (the sign with the larger weighted total mass); entries of
+τ_i whose sign is not γ are zeroed, giving τ̃_i. Then the weighted geometric median of the τ̃_i
+(Weiszfeld with the Vardi-Zhang step, see geometric_median.py) over the whole tensor, and the
+result base + λ Σ c_i τ̃_i. The masks differ per element, so the result is a tensor, not a linear
 combination of the inputs.
 Two passes over the key: the Gram of the τ̃_i (fp64-accumulated, pivoted like gram.py), then the
-combination; chunks are regenerated identically in the second pass (same seed, same chunking),
-so no N full-size fp32 copies are held.
-Randomness: a torch.Generator on the compute device, seeded from (seed, key) via CRC32 (so keys
-of one shape get different masks and a run is reproducible); never the global RNG. An entry is
-kept where its uniform draw u in [0, 1) has u >= p, drawn chunk by chunk. CPU and CUDA generators
-(and chunk sizes) differ, so results with drop_rate > 0 differ between devices.
+combination; chunks are regenerated identically in the second pass (a mask depends on the entry,
+not the chunk), so no N full-size fp32 copies are held.
+Randomness: the DARE masks come from a counter-based hash of (seed, key, input, entry) (dare.py;
+the key enters via CRC32, so keys of one shape get different masks); no generator, global or
+private. The masks are the same on CPU and CUDA and for any chunk size, so a merge with a drop
+differs between devices only by rounding. (Before 2026-11-23 they came from a torch.Generator on
+the compute device, whose stream differed between CPU and CUDA.)
 Identical inputs with drop_rate 0 return the input (strength 1) bit-exactly.
 References: P. Yadav et al., "TIES-Merging", NeurIPS 2023; L. Yu et al., "Language models are
 Super Mario" (DARE), ICML 2024; Vardi & Zhang, PNAS 2000.
@@ -28,6 +29,7 @@ from typing import Sequence
 import torch
 
 from . import geometric_median as gm
+from .dare import DropMask
 from .combine import same_tensors
 from .errors import MergeInputError
 from .gram import (TINY_GRAM, chunk_products, compute_dtype, default_chunk, finish_products, locate_nonfinite,
@@ -35,6 +37,7 @@ from .gram import (TINY_GRAM, chunk_products, compute_dtype, default_chunk, fini
 from .inputs import check_params, check_weights
 
 DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
+DROP_CPU_CHUNK = 1 << 16  # with a drop, the hash's int32 rows of a chunk then stay in L2 (~15% faster)
 
 
 def key_seed(seed: int, key: str) -> int:
@@ -75,22 +78,21 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
         return out, {"coefficients": w.tolist(), "identical": True, "iterations": 0, "converged": True}
 
     numel = xs[0].numel()
+    if not chunk_elems and p > 0 and dev.type == "cpu":
+        chunk_elems = DROP_CPU_CHUNK
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), max(numel, 1)))
     flat = [x.reshape(-1) for x in xs]
     fb = base.reshape(-1)
     buf = scratch("sign_elected", (n + 1, chunk), cdt, dev)
     mask = scratch("sign_elected.mask", (n, chunk), cdt, dev) if p > 0 else None
     wd = w.to(device=dev, dtype=cdt)
-    gen = torch.Generator(device=dev) if p > 0 else None
-    kseed = key_seed(int(seed), key)
+    drop = DropMask(p, key_seed(int(seed), key), n, numel, dev) if p > 0 else None
     kept = torch.zeros(n, dtype=torch.float64, device=dev)
 
     elected = scratch("sign_elected.elected", (chunk,), cdt, dev)
     positive = scratch("sign_elected.positive", (n, chunk), cdt, dev)
 
     def chunks(count: bool = False):
-        if gen is not None:
-            gen.manual_seed(kseed)
         for a in range(0, numel, chunk):
             e = min(numel, a + chunk)
             t = buf[:n, : e - a]
@@ -98,9 +100,8 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
             for i in range(n):
                 t[i].copy_(flat[i][a:e])
             t.sub_(bb)
-            if gen is not None:
-                m = mask[:, : e - a].uniform_(generator=gen)  # 4x faster than bernoulli_ on CPU
-                t.mul_(torch.ge(m, p, out=m)).mul_(1.0 / (1.0 - p))  # kept with probability 1 - p
+            if drop is not None:
+                t.mul_(drop.keep(a, e, mask[:, : e - a])).mul_(drop.scale)
             g = elected[: e - a]
             torch.mm(wd[None], t, out=g[None]).sign_()
             # keep τ where sgn τ = γ: τγ is |τ| there and <= 0 elsewhere (γ = 0 keeps nothing);

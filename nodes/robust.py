@@ -81,8 +81,8 @@ class BarycenterSignElectedMedian(MergeNode):
                                     "tooltip": "DARE: drop this fraction of each task vector's entries at "
                                                "random (survivors rescaled by 1/(1-p)). 0 = off."}),
             "drop_seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
-                             "tooltip": "Seed of the DARE drop (a generator on the compute device; the "
-                                        "same seed gives the same merge)."}),
+                             "tooltip": "Seed of the DARE drop. The same seed drops the same entries on "
+                                        "CPU and GPU, so it gives the same merge (up to rounding)."}),
             **SOLVER, "eps": EPS})
 
     def merge(self, **kwargs):

@@ -121,7 +121,7 @@ def test_sign_elected_and_element_median_equal_kernel(comfy, server):
     saved, _ = run_merge_and_save(comfy, server, "BarycenterSignElectedMedian", names,
                                   {**settings, "drop_rate": 0.1, "drop_seed": 5}, base=base_name)
     w = parse_weights("", 3)
-    # the drop masks come from a generator on the merge's device (CPU and CUDA streams differ)
+    # on the merge's device: the drop masks are the same everywhere, the elected signs' roundings not
     dev = "cuda" if gpu_host() else "cpu"
     for k in list(xs[0])[::7]:
         held = [as_held(x[k], saved[k].dtype).float().to(dev) for x in xs + [base]]

@@ -152,7 +152,7 @@ def test_sign_elected_median_matches_direct_reference():
     assert rec["converged"] and len(rec["coefficients"]) == 4 and 0.3 < min(rec["kept_fraction"]) < 1
 
 
-def test_sign_elected_drop_is_seeded_on_a_private_generator():
+def test_sign_elected_drop_is_seeded_and_independent_of_the_chunking():
     base = torch.randn(4000)
     xs = [base + 0.1 * torch.randn(4000) for _ in range(3)]
     state = torch.random.get_rng_state()
@@ -160,6 +160,8 @@ def test_sign_elected_drop_is_seeded_on_a_private_generator():
     assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
     b, _ = sign_elected_median(xs, base, drop_rate=0.5, seed=3, key="k1", chunk_elems=999)
     assert torch.equal(a, b)
+    whole, rw = sign_elected_median(xs, base, drop_rate=0.5, seed=3, key="k1")  # one chunk: same masks
+    assert rw["kept_fraction"] == ra["kept_fraction"] and rel(whole, a) < 1e-6
     c, _ = sign_elected_median(xs, base, drop_rate=0.5, seed=4, key="k1", chunk_elems=999)
     d, _ = sign_elected_median(xs, base, drop_rate=0.5, seed=3, key="k2", chunk_elems=999)
     assert not torch.equal(a, c) and not torch.equal(a, d)

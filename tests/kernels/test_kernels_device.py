@@ -29,6 +29,7 @@ def _merge_all(xs, base):
         out[method] = (sol.coeffs.cpu(), combine(xs, a[0], base, ab[0], dtype=torch.float32).cpu())
     out["element"] = (None, element_median(xs, w, base).cpu())
     out["sign"] = (None, sign_elected_median(xs, base, w)[0].cpu())
+    out["sign, drop 0.3"] = (None, sign_elected_median(xs, base, w, drop_rate=0.3, seed=5, key="k")[0].cpu())
     return out
 
 
@@ -57,13 +58,21 @@ def test_cpu_and_cuda_agree(dtype):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_dropout_uses_a_cuda_generator():
+def test_cuda_drop_masks_equal_the_cpu_masks():
+    from kernels.dare import DropMask
+
+    masks = [DropMask(0.3, 99, 3, 1 << 22, dev).keep(5, (1 << 22) - 7, torch.empty(3, (1 << 22) - 12, device=dev))
+             for dev in ("cpu", "cuda")]
+    assert torch.equal(masks[0], masks[1].cpu())
     xs, base = _models(torch.float16, "cuda")
     state = torch.cuda.get_rng_state()
-    a, _ = sign_elected_median(xs, base, drop_rate=0.3, seed=5, key="k")
+    a, ra = sign_elected_median(xs, base, drop_rate=0.3, seed=5, key="k")
     b, _ = sign_elected_median(xs, base, drop_rate=0.3, seed=5, key="k")
     assert a.device.type == "cuda" and torch.equal(a, b)
     assert torch.equal(torch.cuda.get_rng_state(), state)
+    _, rc = sign_elected_median(*_models(torch.float16, "cpu"), drop_rate=0.3, seed=5, key="k")
+    # the same masks; only an entry whose weighted sum rounds to the other sign may be elected apart
+    assert max(abs(x - y) for x, y in zip(ra["kept_fraction"], rc["kept_fraction"])) < 1e-4
 
 
 def test_missing_peer_fails_in_ci_and_skips_locally(monkeypatch):
