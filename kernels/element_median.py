@@ -15,8 +15,11 @@ sort; each comparator is an elementwise min and max of two rows of a chunk), not
 along a dimension of size N, which is ~40x slower for N = 3. Equal weights need only the middle
 one or two outputs: comparators that cannot reach them are dropped, and one that feeds only its
 min (or max) onward computes only that (N = 3: 4 elementwise ops). Unequal weights sort the
-weights along with the values, then take the first position whose cumulative weight (fp64)
-reaches 1/2. Equal values may end up in any order; the result does not depend on it.
+weights along with the values, then take the first position whose cumulative weight reaches 1/2.
+The weights travel as integers round(w·2^23) in fp32 (partial sums exact) with thresholds checked
+to decide every subset of inputs as the fp64 weights do (integer_weights); where no such
+thresholds exist (a subset's weight within ~1e-7 of 1/2 but not within the tolerance), as fp64.
+Equal values may end up in any order; the result does not depend on it.
 References: the weighted median (Edgeworth 1888); as a robust merge, coordinate-wise median in
 Yin et al., "Byzantine-robust distributed learning", ICML 2018; K. E. Batcher, "Sorting networks
 and their applications", AFIPS 1968.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .combine import same_tensors
@@ -34,6 +38,7 @@ from .gram import compute_dtype, default_chunk, locate_nonfinite, scratch
 from .inputs import check_weights
 
 _HALF_TOL = 1e-12
+MAX_SUBSET_INPUTS = 16  # integer_weights checks all 2^n subsets
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,10 +131,15 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
         steps = selection_network(n, mid)
     else:
         steps = sorting_network(n)
-        wbuf = scratch("element_median.w", (n + 1, chunk), torch.float64, dev)
+        wl = tuple(w.to(torch.float64).tolist())
+        exact = integer_weights(wl)
+        if exact is None:
+            half, wdt = (0.5 - _HALF_TOL, 0.5 + _HALF_TOL), torch.float64
+        else:
+            wl, half, wdt = exact[0], exact[1:], cdt
+        wbuf = scratch("element_median.w", (n + 1, chunk), wdt, dev)
         fbuf = scratch("element_median.masks", (4, chunk), cdt, dev)
-        fbuf64 = scratch("element_median.masks64", (3, chunk), torch.float64, dev)
-        wl = w.to(torch.float64).tolist()
+        wmasks = scratch("element_median.weight_masks", (3, chunk), wdt, dev)
     for a in range(0, numel, chunk):
         e = min(numel, a + chunk)
         v = buf[:, : e - a]
@@ -144,22 +154,23 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
             else:
                 torch.add(rows[mid[0]], rows[mid[1]], out=fo[a:e]).div_(2)
             continue
-        _weighted_pick(rows, v[n], wbuf[:, : e - a], wl, steps, fbuf[:, : e - a], fbuf64[:, : e - a], fo[a:e])
+        _weighted_pick(rows, v[n], wbuf[:, : e - a], wl, half, steps, fbuf[:, : e - a], wmasks[:, : e - a],
+                       fo[a:e])
     if not bool(torch.isfinite(total)):  # one host sync per key
         refuse_nonfinite(keep)  # names the input (a large finite sum passes through)
     return _task(out, base, lam, cdt)
 
 
-def _weighted_pick(rows, spare, wbuf, wl, steps, fbuf, fbuf64, out) -> None:
-    """Sort values and their weights together, then write to `out` the value at the first
-    position whose cumulative weight reaches 1/2 (the midpoint with the next value when it is
-    1/2 within the tolerance). Masks are 0/1 floats and selections are x*(1-s) + y*s, exact
-    for s in {0, 1} (a -0.0 result comes out as +0.0): torch.where and bool masks are ~20x
-    slower than arithmetic on CPU."""
+def _weighted_pick(rows, spare, wbuf, wl, half, steps, fbuf, wmasks, out) -> None:
+    """Sort values and their weights wl together, then write to `out` the value at the first
+    position whose cumulative weight reaches half[0] (the midpoint with the next value when it
+    is at most half[1]: 1/2 within the tolerance, or integer_weights' thresholds). Masks are 0/1
+    floats and selections are x*(1-s) + y*s, exact for s in {0, 1} (a -0.0 result comes out as
+    +0.0): torch.where and bool masks are ~20x slower than arithmetic on CPU."""
     n = len(rows)
     wrows = list(wbuf[:n].unbind(0))
     wspare = wbuf[n]
-    s, ns, cw = fbuf64.unbind(0)
+    s, ns, cw = wmasks.unbind(0)
     reached, prev, first, tie = fbuf.unbind(0)
     for i, wi in enumerate(wl):
         wrows[i].fill_(wi)
@@ -179,13 +190,45 @@ def _weighted_pick(rows, spare, wbuf, wl, steps, fbuf, fbuf64, out) -> None:
     mid = spare
     for k in range(n - 1):
         cw.add_(wrows[k])
-        torch.ge(cw, 0.5 - _HALF_TOL, out=reached)
+        torch.ge(cw, half[0], out=reached)
         torch.sub(reached, prev, out=first)  # reached grows with k: 1 at its first position only
-        torch.le(cw, 0.5 + _HALF_TOL, out=tie).mul_(first)  # exactly 1/2 there: a tie
+        torch.le(cw, half[1], out=tie).mul_(first)  # exactly 1/2 there: a tie
         out.addcmul_(first.sub_(tie), rows[k])
         out.addcmul_(tie, torch.add(rows[k], rows[k + 1], out=mid).div_(2))
         prev, reached = reached, prev
-    out.addcmul_(torch.lt(cw, 0.5 - _HALF_TOL, out=first), rows[n - 1])  # not reached before the end
+    out.addcmul_(torch.lt(cw, half[0], out=first), rows[n - 1])  # not reached before the end
+
+
+@functools.lru_cache(maxsize=64)
+def integer_weights(wl: tuple[float, ...]):
+    """(q, reach, tie): integer weights q_j = round(w_j·2^23) (as floats) and thresholds such that
+    for every set S of inputs that can fill the first positions, Σ_S q >= reach iff Σ_S w >= 1/2 - tol
+    and Σ_S q <= tie iff Σ_S w <= 1/2 + tol. Every partial sum of q is an integer below 2^24,
+    exact in fp32: the weights then travel through the network in fp32 instead of fp64 (~1.8x
+    faster). None when some subset sum is too close to a threshold to decide it that way (or
+    more than MAX_SUBSET_INPUTS inputs): the fp64 weights are carried then."""
+    n = len(wl)
+    if n > MAX_SUBSET_INPUTS:
+        return None
+    w = np.array(wl, dtype=np.float64)
+    q = np.rint(w * 2.0 ** 23).astype(np.int64)
+    bits = (np.arange(1, (1 << n) - 1)[:, None] >> np.arange(n)) & 1  # proper non-empty subsets
+    total, qtotal = bits @ w, bits @ q
+    lo, hi = 0.5 - _HALF_TOL, 0.5 + _HALF_TOL
+    if (np.abs(total - lo) < 1e-14).any() or (np.abs(total - hi) < 1e-14).any():
+        return None  # the fp64 path's own sums could fall either side, by summation order
+    reached = total >= lo
+    if not reached.any():
+        return None
+    tie = reached & (total <= hi)
+    reach = int(qtotal[reached].min())
+    if (~reached).any() and int(qtotal[~reached].max()) >= reach:
+        return None
+    above = reached & ~tie
+    tie_at = int(qtotal[tie].max()) if tie.any() else reach - 1
+    if above.any() and int(qtotal[above].min()) <= tie_at:
+        return None
+    return tuple(float(v) for v in q), float(reach), float(tie_at)
 
 
 def _task(med: torch.Tensor, base, lam: float, cdt) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import combine, element_median, parse_weights, sign_elected_median, task_vector_coefficients
-from kernels.element_median import selection_network, sorting_network
+from kernels.element_median import integer_weights, selection_network, sorting_network
 from tests.kernels.kernels_ref import direct_weiszfeld, rel
 
 
@@ -102,13 +102,17 @@ def _sorted_weighted_median(xs, w):
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 7, 8, 12])
-@pytest.mark.parametrize("wt", ["equal", "random", "integer"])
+@pytest.mark.parametrize("wt", ["equal", "random", "integer", "near"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_element_median_network_matches_sort(n, wt, dtype):
     g = torch.Generator().manual_seed(n)
     w = {"equal": torch.ones(n), "random": torch.rand(n, generator=g) + 0.05,
-         "integer": torch.randint(1, 4, (n,), generator=g)}[wt]
+         "integer": torch.randint(1, 4, (n,), generator=g),
+         "near": torch.tensor([0.5 + 1e-9, 0.5 - 1e-9 - (n - 2) / 1024] + [1 / 1024] * (n - 2),
+                              dtype=torch.float64)}[wt]
     w = parse_weights(w.tolist(), n)  # fp64, as the nodes pass them
+    if wt in ("integer", "near"):  # integer weights travel in fp32; 1/2 + 1e-9 against 1/2 - 1e-9 cannot
+        assert (integer_weights(tuple(w.tolist())) is None) == (wt == "near")
     for xs in ([torch.randn(3001, generator=g).to(dtype) for _ in range(n)],
                [torch.randint(-2, 3, (3001,), generator=g).to(dtype) for _ in range(n)]):  # ties
         want = _sorted_weighted_median(xs, w)
