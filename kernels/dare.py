@@ -15,7 +15,7 @@ against Python integers); a logical shift is the arithmetic shift masked. The XO
 not done: the signed int32 h equals v - 2^31, so v >= T is h >= T - 2^31.
 Why not torch.Generator: CPU (mt19937) and CUDA (Philox) streams differ and a stream depends on
 the chunk boundaries, so a merge with a drop depended on the device. This one does not, and it
-costs about half of a CPU `uniform_` draw (~15 int32 ops in cache per entry).
+costs ~0.6x a CPU `uniform_` draw (~15 int32 ops in cache per entry; 1.4 against 2.1-2.6 ns).
 Reference: L. Yu et al., "Language models are Super Mario" (DARE), ICML 2024.
 """
 from __future__ import annotations

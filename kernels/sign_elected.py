@@ -29,8 +29,8 @@ from typing import Sequence
 import torch
 
 from . import geometric_median as gm
-from .dare import DropMask
 from .combine import same_tensors
+from .dare import DropMask
 from .errors import MergeInputError
 from .gram import (TINY_GRAM, chunk_products, compute_dtype, default_chunk, finish_products, locate_nonfinite,
                    pivot_map, rescale_exponent, scale_pow2_, scratch)
