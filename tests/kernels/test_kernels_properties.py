@@ -1,5 +1,6 @@
 """Properties (hypothesis): order invariance, translation (GM) and orthogonal equivariance,
-breakdown, one-hot weights, N=1 and identical inputs (bit-exact)."""
+breakdown, one-hot weights, N=1 and identical inputs (bit-exact); the weighted element median's
+integer weights against exact arithmetic."""
 from __future__ import annotations
 
 import numpy as np
@@ -152,3 +153,31 @@ def test_identical_inputs_return_them_bit_exactly(cloud, n, dtype, wt):
     assert torch.equal(element_median(xs, w, base).to(dtype), x)
     out, _ = sign_elected_median(xs, base, w)
     assert torch.equal(out.to(dtype), x)
+
+
+@SETTINGS
+@given(st.integers(2, 10), st.integers(0, 2 ** 31 - 1), st.sampled_from(["uniform", "integer", "near"]))
+def test_integer_weights_decide_every_subset_as_exact_arithmetic(n, seed, kind):
+    """Where integer_weights gives thresholds, every proper subset is classed (reached 1/2 - tol,
+    and a tie within 1/2 + tol) as the exact rational sum of the fp64 weights classes it."""
+    from fractions import Fraction
+
+    from kernels.element_median import _HALF_TOL, integer_weights
+
+    rng = np.random.default_rng(seed)
+    raw = {"uniform": rng.uniform(0.01, 1.0, n), "integer": rng.integers(1, 5, n).astype(float),
+           "near": np.r_[0.5 + rng.uniform(-1e-6, 1e-6), rng.dirichlet(np.ones(n - 1)) * 0.5]}[kind]
+    w = tuple(parse_weights(raw.tolist(), n).tolist())
+    got = integer_weights(w)
+    if got is None:
+        return  # the fp64 weights are carried: nothing to check here
+    q, reach, tie = got
+    lo, hi = Fraction(1, 2) - Fraction(_HALF_TOL), Fraction(1, 2) + Fraction(_HALF_TOL)
+    for mask in range(1, (1 << n) - 1):
+        members = [j for j in range(n) if mask >> j & 1]
+        exact = sum(Fraction(w[j]) for j in members)
+        qs = sum(q[j] for j in members)
+        assert qs < 2 ** 24 and qs == int(qs)  # exact in fp32
+        assert (qs >= reach) == (exact >= lo), (w, members)
+        if exact >= lo:
+            assert (qs <= tie) == (exact <= hi), (w, members)
