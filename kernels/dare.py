@@ -28,6 +28,7 @@ from .gram import scratch
 M32 = (1 << 32) - 1
 M64 = (1 << 64) - 1
 MAX_ELEMENTS = 1 << 31  # int32 indices
+HASH_ELEMENTS = 1 << 22  # per int32 scratch (16 MiB): all rows of a CPU chunk, one row of a CUDA one
 
 
 def splitmix64(state: int) -> int:
@@ -96,10 +97,14 @@ class DropMask:
         m = e - a
         idx = scratch("dare.index", (1, m), torch.int32, self._device)
         torch.arange(a, e, dtype=torch.int32, device=self._device, out=idx[0])
-        h = scratch("dare.hash", (self._n, m), torch.int32, self._device)
-        tmp = scratch("dare.tmp", (self._n, m), torch.int32, self._device)
-        torch.mul(idx, self._a, out=h)
-        h.add_(self._c)
-        lowbias32_(h, tmp)
-        return torch.ge(h, self._bound, out=out)
+        group = max(1, HASH_ELEMENTS // max(m, 1))  # rows hashed at once: a bounded int32 scratch
+        for r in range(0, self._n, group):
+            rows = slice(r, min(self._n, r + group))
+            h = scratch("dare.hash", (rows.stop - r, m), torch.int32, self._device)
+            tmp = scratch("dare.tmp", (rows.stop - r, m), torch.int32, self._device)
+            torch.mul(idx, self._a[rows], out=h)
+            h.add_(self._c[rows])
+            lowbias32_(h, tmp)
+            torch.ge(h, self._bound, out=out[rows])
+        return out
 
