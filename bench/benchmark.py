@@ -150,14 +150,14 @@ def kernel_section(table, fraction, rounds, device="cpu"):
     def element(weights=None):
         def run():
             for j, xs in enumerate(keys):
-                kernels.element_median(xs, weights, key=names[j]).to(xs[0].dtype)
+                kernels.element_median(xs, weights, key=names[j], out_dtype=xs[0].dtype)  # as the engine asks
             sync()
         return run
 
     def sign_elected(drop_rate=0.0):
         def run():
             for j, xs in enumerate(keys):
-                kernels.sign_elected_median(xs, bases[j], key=names[j], drop_rate=drop_rate)[0].to(xs[0].dtype)
+                kernels.sign_elected_median(xs, bases[j], key=names[j], drop_rate=drop_rate, out_dtype=xs[0].dtype)
             sync()
         return run
 

@@ -265,9 +265,10 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
     w_dev = w.to(dev)
     for j, xs, b in _read_keys(sources, base, keys, dev, move):
         key = keys[j]
+        dtype = sources[0].stored(key).dtype
         result, record = info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key,
-                                            **params)
-        patches[key] = (result.to(dtype=sources[0].stored(key).dtype).to(out_device),)
+                                            out_dtype=dtype, **params)
+        patches[key] = (result.to(dtype=dtype).to(out_device),)
         units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
         progress(j + 1)
     merged.add_patches(patches, 1.0, 0.0)

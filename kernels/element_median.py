@@ -38,6 +38,7 @@ from .gram import compute_dtype, default_chunk, locate_nonfinite, scratch
 from .inputs import check_weights
 
 _HALF_TOL = 1e-12
+WRITABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # outputs written chunk by chunk
 MAX_SUBSET_INPUTS = 16  # integer_weights checks all 2^n subsets
 
 
@@ -89,8 +90,10 @@ def _select(rows: list, spare: torch.Tensor, steps) -> None:
 
 
 def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor | None = None, *,
-                   strength: float = 1.0, chunk_elems: int | None = None, key: str = "tensor") -> torch.Tensor:
-    """Weighted coordinate-wise median of xs (fp32 result; fp64 for fp64 inputs), on xs[0].device.
+                   strength: float = 1.0, chunk_elems: int | None = None, key: str = "tensor",
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Weighted coordinate-wise median of xs, on xs[0].device, in out_dtype (default the compute
+    dtype: fp32, fp64 for fp64 inputs; either way the compute dtype's result rounded once).
     NaN/Inf in an input is refused naming the key and the model (a median would hide it)."""
     n = len(xs)
     if n == 0:
@@ -112,19 +115,23 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
     xs = [xs[i] for i in keep]
     w = w[keep].to(dev)
     n = len(xs)
+    odt = out_dtype or cdt
     if n == 1 or same_tensors(xs):
         refuse_nonfinite(keep[:1])
         med = xs[0].to(dtype=cdt, copy=True)
-        return _task(med, base, lam, cdt)
+        return _task(med, base, lam, cdt).to(odt)
     numel = xs[0].numel()
-    out = torch.empty(xs[0].shape, dtype=cdt, device=dev)
+    # written in the output dtype chunk by chunk where the median is the result (no task scaling)
+    direct = odt in WRITABLE and (base is None or lam == 1.0)
+    out = torch.empty(xs[0].shape, dtype=odt if direct else cdt, device=dev)
     if numel == 0:
-        return out
+        return out.to(odt)
     fo = out.view(-1)
     flat = [x.reshape(-1) for x in xs]
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
     equal = bool((w == w[0]).all())
     buf = scratch("element_median", (n + 1, chunk), cdt, dev)
+    res = scratch("element_median.result", (chunk,), cdt, dev) if out.dtype != cdt else None
     total = torch.zeros((), dtype=cdt, device=dev)  # NaN/Inf anywhere makes it non-finite
     if equal:
         mid = (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
@@ -150,15 +157,19 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
         if equal:
             _select(rows, v[n], steps)
             if len(mid) == 1:
-                fo[a:e] = rows[mid[0]]
-            else:
-                torch.add(rows[mid[0]], rows[mid[1]], out=fo[a:e]).div_(2)
-            continue
-        _weighted_pick(rows, v[n], wbuf[:, : e - a], wl, half, steps, fbuf[:, : e - a], wmasks[:, : e - a],
-                       fo[a:e])
+                fo[a:e] = rows[mid[0]]  # an input's value: converted once
+                continue
+        target = fo[a:e] if res is None else res[: e - a]  # sums and blends in the compute dtype
+        if equal:
+            torch.add(rows[mid[0]], rows[mid[1]], out=target).div_(2)
+        else:
+            _weighted_pick(rows, v[n], wbuf[:, : e - a], wl, half, steps, fbuf[:, : e - a], wmasks[:, : e - a],
+                           target)
+        if res is not None:
+            fo[a:e] = target
     if not bool(torch.isfinite(total)):  # one host sync per key
         refuse_nonfinite(keep)  # names the input (a large finite sum passes through)
-    return _task(out, base, lam, cdt)
+    return _task(out, base, lam, cdt).to(odt)
 
 
 def _weighted_pick(rows, spare, wbuf, wl, half, steps, fbuf, wmasks, out) -> None:

@@ -38,8 +38,10 @@ class MethodInfo:
     doc: str = ""
 
 
-def _element_merge(xs, *, base=None, weights=None, strength=1.0, chunk_elems=None, key="tensor", **_ignored):
-    return _em.element_median(xs, weights, base, strength=strength, chunk_elems=chunk_elems, key=key), {}
+def _element_merge(xs, *, base=None, weights=None, strength=1.0, chunk_elems=None, key="tensor", out_dtype=None,
+                   **_ignored):
+    return _em.element_median(xs, weights, base, strength=strength, chunk_elems=chunk_elems, key=key,
+                              out_dtype=out_dtype), {}
 
 
 def _sign_merge(xs, *, base=None, weights=None, strength=1.0, **params):

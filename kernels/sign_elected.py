@@ -31,6 +31,7 @@ import torch
 from . import geometric_median as gm
 from .combine import same_tensors
 from .dare import DropMask
+from .element_median import WRITABLE
 from .errors import MergeInputError
 from .gram import (TINY_GRAM, chunk_products, compute_dtype, default_chunk, finish_products, locate_nonfinite,
                    pivot_map, rescale_exponent, scale_pow2_, scratch)
@@ -48,8 +49,11 @@ def key_seed(seed: int, key: str) -> int:
 def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=None, *,
                         strength: float = 1.0, drop_rate: float = 0.0, seed: int = 0, key: str = "",
                         tol: float = gm.DEFAULTS["tol"], max_iter: int = gm.DEFAULTS["max_iter"],
-                        eps: float = gm.DEFAULTS["eps"], chunk_elems: int | None = None):
-    """-> (result tensor fp32 (fp64 for fp64 inputs) on xs[0].device, record dict of plain values)."""
+                        eps: float = gm.DEFAULTS["eps"], chunk_elems: int | None = None,
+                        out_dtype: torch.dtype | None = None):
+    """-> (result tensor on xs[0].device, record dict of plain values). The result is computed in
+    fp32 (fp64 for fp64 inputs) and returned in out_dtype (default that compute dtype), rounded
+    once as it is written."""
     if base is None:
         raise MergeInputError("sign_elected_median needs a base model (it elects signs of x_i - base)")
     n = len(xs)
@@ -75,7 +79,7 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
         locate_nonfinite(xs, base, key or "tensor")  # no Gram here to show a NaN
         x = xs[0].to(dtype=cdt, copy=True)
         out = x if lam == 1.0 else base.to(cdt) + lam * (x - base.to(cdt))
-        return out, {"coefficients": w.tolist(), "identical": True, "iterations": 0, "converged": True}
+        return out.to(out_dtype or cdt), {"coefficients": w.tolist(), "identical": True, "iterations": 0, "converged": True}
 
     numel = xs[0].numel()
     if not chunk_elems and p > 0 and dev.type == "cpu":
@@ -141,10 +145,12 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     sol = gm.solve_geometric_median(gram[None], w, **prm)
     c = sol.coeffs[0]
     cc = (lam * c).to(device=dev, dtype=cdt)
-    out = torch.empty(xs[0].shape, dtype=cdt, device=dev)
+    odt = out_dtype or cdt
+    out = torch.empty(xs[0].shape, dtype=odt if odt in WRITABLE else cdt, device=dev)
     fo = out.view(-1)
     for a, e, t, bb in chunks():
-        torch.add(bb, cc @ t, out=fo[a:e])
+        torch.add(bb, cc @ t, out=fo[a:e])  # added in cdt, rounded to the output's dtype once
+    out = out.to(odt)
     rec = sol.record
     return out, {
         "coefficients": c.tolist(),

@@ -182,3 +182,30 @@ def test_sign_elected_identical_inputs_and_dropout_free_defaults():
     base = torch.randn(100)
     out, rec = sign_elected_median([x, x.clone(), x.clone()], base)
     assert torch.equal(out, x) and rec["identical"]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_tensor_methods_write_the_output_dtype_as_a_conversion_would(out_dtype):
+    """out_dtype (what the engine asks for: the model's dtype) gives the compute-dtype result rounded
+    once, chunk by chunk or at the end: the bits of converting the default result."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(5003, generator=g)
+    for n in (3, 4):
+        xs = [(base + 0.1 * torch.randn(5003, generator=g)).to(torch.bfloat16) for _ in range(n)]
+        xs[1] = xs[1].float()  # mixed input dtypes: the median can be an fp32 value
+        for w in (None, parse_weights("1,2" + ",3" * (n - 2), n)):
+            for b, lam in ((None, 1.0), (base, 1.0), (base, 0.5)):
+                kw = dict(strength=lam, chunk_elems=1000)
+                want = element_median(xs, w, b, **kw).to(out_dtype)
+                got = element_median(xs, w, b, out_dtype=out_dtype, **kw)
+                assert got.dtype == out_dtype and torch.equal(got.float(), want.float()), (n, w, lam)
+        # a midpoint whose sum would overflow fp16 (2 x 45000 > 65504): summed in the compute dtype
+        big = [torch.full((7,), v) for v in (40000.0, 50000.0, 40000.0, 50000.0)[:n]]
+        for w in (None, parse_weights("1,1" + ",2" * (n - 2), n)):  # n = 4: midpoints of both paths
+            assert torch.equal(element_median(big, w, out_dtype=out_dtype).float(),
+                               element_median(big, w).to(out_dtype).float()), (n, w)
+        for p in (0.0, 0.3):
+            kw = dict(drop_rate=p, seed=2, key="k", strength=0.8, chunk_elems=1000)
+            want = sign_elected_median(xs, base, **kw)[0].to(out_dtype)
+            got = sign_elected_median(xs, base, out_dtype=out_dtype, **kw)[0]
+            assert got.dtype == out_dtype and torch.equal(got.float(), want.float()), (n, p)
