@@ -268,7 +268,7 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
         dtype = sources[0].stored(key).dtype
         result, record = info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key,
                                             out_dtype=dtype, **params)
-        patches[key] = (result.to(dtype=dtype).to(out_device),)
+        patches[key] = (result.to(dtype=dtype).to(out_device),)  # the dtype already: no copy on CPU
         units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
         progress(j + 1)
     merged.add_patches(patches, 1.0, 0.0)

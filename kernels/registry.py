@@ -1,8 +1,9 @@
 """One registry of merge methods: name -> MethodInfo; `solve` dispatches the Gram-space ones.
 
 Linear methods return coefficients (a solver on Grams); tensor methods return a tensor per key
-(`merge_tensors(xs, *, base, weights, strength, **params) -> (tensor, record)`). Each method's
-math and references are in its module's docstring (MethodInfo.doc).
+(`merge_tensors(xs, *, base, weights, strength, out_dtype, **params) -> (tensor, record)`, the
+tensor in out_dtype: the model's, so no full-size fp32 result is made). Each method's math and
+references are in its module's docstring (MethodInfo.doc).
 """
 from __future__ import annotations
 

@@ -95,3 +95,6 @@ def test_merge_tensors_entry_points():
     out, rec = REGISTRY["sign_elected_median"].merge_tensors(xs, base=base, weights=None, strength=1.0,
                                                              drop_rate=0.1, seed=2, key="k")
     assert out.shape == (10,) and "coefficients" in rec
+    for name, kw in (("element_median", {}), ("sign_elected_median", {"key": "k"})):  # as the engine calls them
+        out, _ = REGISTRY[name].merge_tensors(xs, base=base, weights=None, strength=1.0, out_dtype=torch.float16, **kw)
+        assert out.dtype == torch.float16
