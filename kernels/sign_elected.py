@@ -79,7 +79,8 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
         locate_nonfinite(xs, base, key or "tensor")  # no Gram here to show a NaN
         x = xs[0].to(dtype=cdt, copy=True)
         out = x if lam == 1.0 else base.to(cdt) + lam * (x - base.to(cdt))
-        return out.to(out_dtype or cdt), {"coefficients": w.tolist(), "identical": True, "iterations": 0, "converged": True}
+        return out.to(out_dtype or cdt), {"coefficients": w.tolist(), "identical": True, "iterations": 0,
+                                          "converged": True}
 
     numel = xs[0].numel()
     if not chunk_elems and p > 0 and dev.type == "cpu":
