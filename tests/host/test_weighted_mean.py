@@ -29,6 +29,28 @@ def test_nodes_are_registered(comfy):
         assert info["output"] == ["CLIP" if label == "clip" else "MODEL", "STRING"]
 
 
+PACK_NODES = [f"Barycenter{m}{t}" for m in ("WeightedMean", "GeometricMedian", "KarcherMean", "OTFusion")
+              for t in ("", "CLIP")] + ["BarycenterSignElectedMedian", "BarycenterMergeReport"]
+
+
+def test_every_node_has_a_description_and_every_input_a_tooltip(comfy):
+    """What the editor shows on hover: the node's description and each input's tooltip, as the
+    host serves them in /object_info (the pack's nodes, not the test-only ones)."""
+    info = comfy.object_info()
+    ours = sorted(k for k in info if k.startswith("Barycenter") and not k.startswith("BarycenterTest"))
+    assert ours == sorted(PACK_NODES), ours
+    missing = []
+    for node in ours:
+        if len(info[node].get("description", "").strip()) < 20:
+            missing.append(f"{node}: description")
+        for group in ("required", "optional"):
+            for name, spec in info[node]["input"].get(group, {}).items():
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if len(str(opts.get("tooltip", "")).strip()) < 10:
+                    missing.append(f"{node}.{name}: tooltip")
+    assert not missing, missing
+
+
 def _merge_3(g: Graph, names, weights="1,2,1"):
     loaders = [load_checkpoint(g, n) for n in names]
     merged = merge_node(g, "BarycenterWeightedMean", [Graph.out(l, 0) for l in loaders], weights=weights)
