@@ -27,9 +27,14 @@ How it is computed (precision, then speed):
   dtype the same products come from one compiled loop per key (no fp32 copies, one read of each
   input); the remainder after the last whole sub-block and every other case use the chunks above.
 - Norms ‖p_i‖^2 = ‖m‖^2 + 2<m,d_i> + ‖d_i‖^2 are accurate relative to ‖p_i‖^2 when the inputs
-  have similar norms (always the case for fine-tunes); a point much closer to 0 than the others
-  gets an absolute error ~1e-7·max‖p‖^2 (fp32 data). Exact zeros (a task vector equal to 0
-  because the model equals the base) are detected and made exact, so Karcher can exclude them.
+  have similar norms (always the case for fine-tunes); from fp32 products a point much closer to
+  0 than the others gets an absolute error ~1e-7·max‖p‖^2, which can be all of its norm (a task
+  vector 1000x shorter than the others: its direction is then noise). So where full Grams are
+  asked for (Karcher) and some ‖p_i‖^2 <= 1e-3·max‖p‖^2 (SHORT_POINT: a task vector under ~3%
+  of the longest), the per-key check recomputes the key's products in fp64 (one more read of that
+  key, in fp64: rare, and the price of a direction that is not noise). Exact zeros (a task vector
+  equal to 0 because the model equals the base) are detected and made exact, so Karcher can
+  exclude them.
 - NaN/Inf in an input shows up as a non-finite Gram; the input is then located and named.
 - Extreme magnitudes: fp32 products of inputs near 1e30 overflow, of inputs below ~1e-19 (fp32
   subnormals included) underflow. The per-key host sync also flags a non-finite Gram from finite
@@ -137,24 +142,27 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
     beta = pivoted_products(xs, base, full=full, chunk_elems=chunk_elems)
     if check and xs[0].numel():
         beta = _checked(beta, xs, base, key, norms=full,
-                        redo=lambda e: pivoted_products(xs, base, full=full, chunk_elems=chunk_elems, exp2=e))
+                        redo=lambda e: pivoted_products(xs, base, full=full, chunk_elems=chunk_elems, exp2=e),
+                        redo64=lambda: pivoted_products(xs, base, full=full, dtype=torch.float64,  # same bytes:
+                                                        chunk_elems=chunk_elems or default_chunk(xs[0].device) // 2))
     return map_pivoted(beta, full)
 
 
 def pivoted_products(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *, full: bool = True,
-                     chunk_elems: int | None = None, exp2: int = 0) -> torch.Tensor:
+                     chunk_elems: int | None = None, exp2: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The pivoted fp64 Gram beta (N, N) of one key, on xs[0].device, before any check or map:
-    the fused CPU kernel where it applies, else the chunked products (module docstring)."""
+    the fused CPU kernel where it applies, else the chunked products (module docstring).
+    dtype: compute in this dtype instead of compute_dtype's (fp64: the short-point recompute)."""
     n = len(xs)
     dev = xs[0].device
     numel = xs[0].numel()
     if numel == 0:
         return torch.zeros(n, n, dtype=torch.float64, device=dev)
-    cdt = compute_dtype(*xs, base)
+    cdt = dtype or compute_dtype(*xs, base)
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
     flat = [x.reshape(-1) for x in xs]
     fb = base.reshape(-1) if base is not None else None
-    if exp2 == 0 and (fb is None or not full) and fused.applicable(flat, numel):
+    if exp2 == 0 and dtype is None and (fb is None or not full) and fused.applicable(flat, numel):
         done = fused.fused_products(flat, numel, full)
         if done is not None:
             beta, m = done
@@ -237,6 +245,9 @@ def _pivot_products(flat, fb, n: int, chunk: int, cdt, dev, full: bool, exp2: in
 # per-key host sync the kernel already makes, so the normal path does no extra work.
 SAFE_EXP2 = 40
 TINY_GRAM = 2.0 ** -60  # largest diagonal entry below this: fp32 products may have underflowed
+# ‖p_i‖^2 <= SHORT_POINT·max‖p‖^2: a point whose fp32-product norm (error ~1e-7·max‖p‖^2) is off by
+# more than ~1e-4 relative; with norms asked for, its key is recomputed in fp64 ("Norms" above)
+SHORT_POINT = 1e-3
 
 
 def scale_pow2_(t: torch.Tensor, exp2: int) -> torch.Tensor:
@@ -329,7 +340,7 @@ def _gram_flags(beta: torch.Tensor):
     if bad:  # the other flags mean nothing then
         return True, sq, False, False
     top = max(sq)
-    return False, sq, top > 0 and any(x <= 1e-4 * top for x in sq), max(map(abs, d)) < TINY_GRAM
+    return False, sq, top > 0 and any(x <= SHORT_POINT * top for x in sq), max(map(abs, d)) < TINY_GRAM
 
 
 def locate_nonfinite(xs, base, key: str) -> None:
@@ -344,7 +355,7 @@ def locate_nonfinite(xs, base, key: str) -> None:
             raise MergeInputError(f"key '{key}': {name} contains {kind} values")
 
 
-def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True, redo=None) -> torch.Tensor:
+def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True, redo=None, redo64=None) -> torch.Tensor:
     from .inputs import nonfinite_kind
 
     n = beta.shape[0]
@@ -363,7 +374,13 @@ def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True, redo=No
     if bad:
         raise MergeInputError(f"key '{key}': the inputs overflow the compute precision")
     if norms and small and n > 1:
-        zero = [i for i in range(1, n) if sq[i] <= 1e-4 * max(sq) and _is_zero_point(xs[i], base)]
+        short = [i for i in range(1, n) if sq[i] <= SHORT_POINT * max(sq)]
+        zero = [i for i in short if _is_zero_point(xs[i], base)]
+        if len(zero) < len(short) and redo64 is not None and compute_dtype(*xs, base) != torch.float64:
+            # a short point's norm (pivoted: ‖b_0 + b_i‖^2) carries ~1e-7·max‖p‖^2 from fp32
+            # products, which can be all of it: its direction is then noise, and a Karcher mean
+            # built on it came out longer than every input (test_kernels_fuzz). fp64 resolves it.
+            beta = redo64()
         if zero:  # p_i = 0 exactly: b_{i-1} = -b_0, make its Gram rows exact
             r = torch.eye(n, dtype=beta.dtype, device=beta.device)
             for i in zero:

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .gram import CPU_CHUNK, SUB_BLOCK, TINY_GRAM, fp32_matmul, gram_matrix, map_pivoted, pivoted_products
+from .gram import CPU_CHUNK, SHORT_POINT, SUB_BLOCK, TINY_GRAM, fp32_matmul, gram_matrix, map_pivoted, pivoted_products
 
 SMALL_KEY = 1 << 16
 DEVICE_BATCH = 1 << 22  # elements of small keys per batch on a GPU (a 4-row fp32 batch: 64 MiB)
@@ -222,7 +222,7 @@ def batch_flags(beta: torch.Tensor, full: bool) -> torch.Tensor:
     if full:
         sq = torch.cat([d[:, :1], d[:, :1] + 2 * beta[:, 0, 1:] + d[:, 1:]], 1)
         top = sq.amax(1, keepdim=True)
-        flags |= ((sq <= 1e-4 * top).any(1) & (top[:, 0] > 0))
+        flags |= ((sq <= SHORT_POINT * top).any(1) & (top[:, 0] > 0))
     return flags
 
 

@@ -137,12 +137,11 @@ def test_karcher_finite_and_norm_is_mean_norm(cloud, chunk):
     unit = pts / norms.clamp_min(1e-300)[:, None]
     cos = unit @ unit.T
     unique = unique and not bool((cos < -0.99).any())
-    # a point much shorter than the longest (but not 0) has a norm accurate only to ~3e-4·max‖x‖
-    # from the Gram (gram.py, "Norms"): its direction is then off; checked only for the bound
-    short = bool(((norms > 0) & (norms < 1e-2 * top)).any())
-    if unique and not short:
+    # a point much shorter than the longest (but not 0) gets its products in fp64 (gram.py,
+    # "Norms"): before that its fp32 norm could be all error, and the merged norm above every input
+    if unique:
         assert abs(got - want) <= slack, (what, got, want, c)
-    assert got <= top * (1.01 if short else 1.0) + slack, (what, got, top)
+    assert got <= top + slack, (what, got, top)
 
 
 @FUZZ

@@ -7,6 +7,7 @@ import torch
 from kernels import GramPass, MergeInputError, gram_matrix
 from kernels.gram_pass import SMALL_KEY
 from kernels.threads import intra_op_threads
+from tests.kernels.kernels_ref import direct_gram
 
 
 def _keys(n_models, dtype, seed=0, base=False):
@@ -63,6 +64,27 @@ def test_zero_point_made_exact_like_gram_matrix():
     got = _pass(keys, True)
     for j, (xs, b) in enumerate(keys):
         assert torch.equal(got[j], gram_matrix(xs, b, full=True)), "flagged keys are recomputed per key"
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("scale", [1e-3, 0.02])  # ‖p‖^2 ratios 1e-6 and 4e-4, under SHORT_POINT
+def test_short_point_recomputed_in_fp64_like_gram_matrix(workers, scale):
+    """A point 50-1000x shorter than the others: its norm from fp32 products is noise, so small
+    and large keys alike get gram_matrix's fp64 recompute, read at once or at the end."""
+    keys = _keys(3, torch.float32, seed=3)
+    keys = [([xs[0], (scale * xs[1].double()).float(), xs[2]], None) for xs, _ in keys]
+    with intra_op_threads(1):
+        now = _pass(keys, True, workers)
+        late, reads = _pass_rereading(keys, True, workers)
+    assert torch.equal(now, late)
+    assert sorted(reads) == [j for j, (xs, _) in enumerate(keys) if xs[0].numel() > SMALL_KEY]  # batched: held
+    for j, (xs, b) in enumerate(keys):
+        want = gram_matrix(xs, b, full=True)
+        assert torch.equal(now[j], want), j
+        exact = direct_gram(xs)
+        sq = exact[0, 0] + 2 * exact[0, 2] + exact[2, 2]  # ‖p_2‖^2 = ‖m + d_2‖^2
+        got = want[0, 0] + 2 * want[0, 2] + want[2, 2]
+        assert abs(float(got / sq) - 1) < 1e-7, (j, float(got / sq))  # fp32 products: ~1e-2..1
 
 
 @pytest.mark.parametrize("full", [True, False])

@@ -180,6 +180,38 @@ def test_karcher_zero_task_vector_is_excluded_in_fp16():
     assert rel(out.double(), ref) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("short_at", [0, 1, 2])
+def test_karcher_with_a_task_vector_1000x_shorter_than_the_others(dtype, short_at):
+    """A fine-tune that barely moved from the base: its direction counts like the others'. From
+    fp32 products its norm (and so its direction) was noise; the Gram's check recomputes such a
+    key in fp64 (gram.py, "Norms"). Found by the fuzz: a merged norm 1.5x the longest input."""
+    g = torch.Generator().manual_seed(7 + short_at)
+    base = torch.randn(4000, generator=g, dtype=torch.float64)
+    taus = [0.05 * torch.randn(4000, generator=g, dtype=torch.float64) for _ in range(3)]
+    taus[short_at] *= 1e-3 if dtype == torch.float32 else 1e-2  # fp16/bf16 resolve less of it
+    xs = [(base + t).to(dtype) for t in taus]
+    b = base.to(dtype)
+    sol = solve("karcher", gram_matrix(xs, b)[None], None, tol=1e-13, max_iter=500)
+    stored = [x.double() - b.double() for x in xs]  # the task vectors as stored
+    ref = direct_karcher(stored, parse_weights(None, 3))
+    assert rel(apply(sol.coeffs[0], stored), ref) < 1e-6  # fp32 products: 1e-4..1e-3
+    assert not bool(sol.record["excluded"][0].any())
+    # applied as the patches are (fp32): the short input's coefficient is ~1/its relative norm
+    a, ab = task_vector_coefficients(sol.coeffs, 1.0)
+    out = combine(xs, a[0], b, ab[0], dtype=torch.float32).double()
+    assert rel(out - b.double(), ref) < 1e-3
+
+
+def test_karcher_point_1000x_shorter_and_antipodal_keeps_the_mean_norm():
+    """The fuzz case itself (bf16, d = 1): two equal points and a short one on the other side."""
+    xs = list(torch.tensor([[-1.0234375], [-1.0234375], [4.2152e-04]], dtype=torch.float64).to(torch.bfloat16))
+    sol = solve("karcher", gram_matrix(xs)[None], None)
+    y = combine(xs, sol.coeffs[0], dtype=torch.float64)
+    norms = [float(x.double().abs()) for x in xs]
+    assert float(y) == pytest.approx(-sum(norms) / 3, rel=1e-9)
+
+
 def test_karcher_antipodal_inputs_handled():
     u = torch.randn(40, dtype=torch.float64)
     xs = [u, -2 * u]
