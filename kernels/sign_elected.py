@@ -3,14 +3,21 @@ then the geometric median of the sign-masked task vectors.
 
 Math. τ_i = x_i - base. Optional DARE drop (Yu et al. 2024): each entry of each τ_i is kept with
 probability q = 1 - p (to 2^-33, dare.py) and rescaled by 1/q. Sign election (TIES, Yadav et al.
-2023): per entry γ = sgn(Σ_i w_i τ_i) (the sign with the larger weighted total mass); entries of
-τ_i whose sign is not γ are zeroed, giving τ̃_i. Then the weighted geometric median of the τ̃_i
+2023): per entry γ = sgn(Σ_i w_i τ_i) (the sign with the larger weighted total mass), and γ = 0
+(no entry kept) where |Σ_i w_i τ_i| <= TIE · Σ_i w_i |τ_i| (TIE = 2^-18): an exact tie elects
+no sign, and fp32 rounding (~13·2^-24 relative for 12 inputs) must not break one. Exact ties
+occur in fp16/bf16 task vectors (a few ulps each): weights 3,1,1 and τ = (1, -5, 2)·2^-7 sum to
+0, which fp32 made 2^-32 (the weights 3/5 and 1/5 are not binary fractions). Before this rule
+such ties were broken by rounding, in an order that differs between devices, and a bf16 merge
+was off by up to 8% from the definition (random stress, 1-3 ties in 300 entries). Entries of τ_i
+whose sign is not γ are zeroed, giving τ̃_i. Then the weighted geometric median of the τ̃_i
 (Weiszfeld with the Vardi-Zhang step, see geometric_median.py) over the whole tensor, and the
 result base + λ Σ c_i τ̃_i. The masks differ per element, so the result is a tensor, not a linear
 combination of the inputs.
 Two passes over the key: the Gram of the τ̃_i (fp64-accumulated, pivoted like gram.py), then the
 combination; chunks are regenerated identically in the second pass (a mask depends on the entry,
-not the chunk), so no N full-size fp32 copies are held.
+not the chunk), so no N full-size fp32 copies are held; the elected signs are kept from the first
+pass (int8, one byte per entry) instead of elected again.
 Randomness: the DARE masks come from a counter-based hash of (seed, key, input, entry) (dare.py;
 the key enters via CRC32, so keys of one shape get different masks); no generator, global or
 private. The masks are the same on CPU and CUDA and for any chunk size, so a merge with a drop
@@ -38,6 +45,7 @@ from .gram import (TINY_GRAM, chunk_products, compute_dtype, default_chunk, fini
 from .inputs import check_params, check_weights
 
 DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
+TIE = 2.0 ** -18  # relative: above the fp32 election sum's rounding for up to 12 inputs (~13·2^-24)
 DROP_CPU_CHUNK = 1 << 16  # with a drop, the hash's int32 rows of a chunk then stay in L2 (~15% faster)
 
 
@@ -95,11 +103,15 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     kept = torch.zeros(n, dtype=torch.float64, device=dev)
 
     elected = scratch("sign_elected.elected", (chunk,), cdt, dev)
+    magnitude = scratch("sign_elected.magnitude", (chunk,), cdt, dev)
+    tie_row = scratch("sign_elected.tie", (chunk,), cdt, dev)
     positive = scratch("sign_elected.positive", (n, chunk), cdt, dev)
     # counts of ones summed in fp32 are exact up to 2^24 (and 2.3x faster than converting to fp64)
     count_dtype = None if chunk <= 1 << 24 else torch.float64
 
-    def chunks(count: bool = False):
+    signs = scratch("sign_elected.signs", (numel,), torch.int8, dev)  # γ of the Gram pass, for the combine
+
+    def chunks(elect: bool):
         for a in range(0, numel, chunk):
             e = min(numel, a + chunk)
             t = buf[:n, : e - a]
@@ -110,11 +122,21 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
             if drop is not None:
                 t.mul_(drop.keep(a, e, mask[:, : e - a])).mul_(drop.scale)
             g = elected[: e - a]
-            torch.mm(wd[None], t, out=g[None]).sign_()
+            if elect:
+                torch.mm(wd[None], t, out=g[None])
+                # a near tie (|Σ wτ| within TIE of Σ w|τ|: rounding's reach) elects no sign, as
+                # an exact one does; exact ties are common where fp16/bf16 task vectors are a few
+                # ulps, and the rounding that broke them differed between devices
+                mag = magnitude[: e - a]
+                torch.mm(wd[None], torch.abs(t, out=positive[:, : e - a]), out=mag[None])
+                torch.gt(torch.abs(g, out=tie_row[: e - a]), mag.mul_(TIE), out=mag)
+                signs[a:e].copy_(g.sign_().mul_(mag))
+            else:
+                g.copy_(signs[a:e])
             # keep τ where sgn τ = γ: τγ is |τ| there and <= 0 elsewhere (γ = 0 keeps nothing);
             # multiplying by γ = ±1 again is exact. Float ops: bool masks are ~5x slower on CPU.
             t.mul_(g).clamp_(min=0)
-            if count:
+            if elect:
                 kept.add_(torch.gt(t, 0, out=positive[:, : e - a]).sum(1, dtype=count_dtype))
             t.mul_(g)
             yield a, e, t, bb
@@ -123,7 +145,9 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
 
     def products(exp2: int = 0) -> torch.Tensor:
-        for j, (a, e, t, _) in enumerate(chunks(count=not exp2)):
+        if exp2:
+            kept.zero_()
+        for j, (a, e, t, _) in enumerate(chunks(elect=True)):
             if exp2:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
                 scale_pow2_(t, exp2)
             if n > 1:
@@ -151,7 +175,7 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     odt = out_dtype or cdt
     out = torch.empty(xs[0].shape, dtype=odt if odt in WRITABLE else cdt, device=dev)
     fo = out.view(-1)
-    for a, e, t, bb in chunks():
+    for a, e, t, bb in chunks(elect=False):
         torch.add(bb, cc @ t, out=fo[a:e])  # added in cdt, rounded to the output's dtype once
     out = out.to(odt)
     rec = sol.record

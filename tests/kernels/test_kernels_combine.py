@@ -8,6 +8,7 @@ import torch
 
 from kernels import combine, element_median, parse_weights, sign_elected_median, task_vector_coefficients
 from kernels.element_median import integer_weights, selection_network, sorting_network
+from kernels.sign_elected import TIE
 from tests.kernels.kernels_ref import direct_weiszfeld, rel
 
 
@@ -140,7 +141,8 @@ def _sign_elected_reference(xs, base, w, p=0.0, masks=None):
     taus = torch.stack([(x.double() - base.double()).reshape(-1) for x in xs])
     if masks is not None:
         taus = taus * masks / (1 - p)
-    elected = torch.sign((w[:, None] * taus).sum(0))
+    total, mass = (w[:, None] * taus).sum(0), (w[:, None] * taus.abs()).sum(0)
+    elected = torch.where(total.abs() > TIE * mass, torch.sign(total), 0.0)  # a (near) tie: no sign
     taus = taus * (torch.sign(taus) == elected)
     y = direct_weiszfeld(list(taus), w)
     return base.double().reshape(-1) + y
@@ -154,6 +156,24 @@ def test_sign_elected_median_matches_direct_reference():
     ref = _sign_elected_reference(xs, base, w)
     assert rel(out.reshape(-1) - base.reshape(-1), ref - base.reshape(-1)) < 1e-5
     assert rec["converged"] and len(rec["coefficients"]) == 4 and 0.3 < min(rec["kept_fraction"]) < 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sign_elected_exact_ties_elect_no_sign(dtype):
+    """Task vectors of a few ulps with weights 3,1,1 (not binary fractions once normalised): many
+    entries tie exactly (3a + b + c = 0), which fp32 sums broke by rounding."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(20_000, generator=g).to(dtype)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    steps = [torch.randint(-6, 7, (20_000,), generator=g).double() for _ in range(3)]
+    xs = [(base.double() + ulp * s).to(dtype) for s in steps]
+    w = parse_weights("3 1 1", 3)
+    taus = torch.stack([x.double() - base.double() for x in xs])
+    ties = int(((3 * taus[0] + taus[1] + taus[2]) == 0).sum())  # exact in fp64: integers times ulps
+    assert ties > 300, ties
+    out, rec = sign_elected_median(xs, base, w, tol=1e-13, max_iter=2000)
+    ref = _sign_elected_reference(xs, base, w)
+    assert rel(out.reshape(-1).double() - base.double(), ref - base.double()) < 1e-5
 
 
 def test_sign_elected_drop_is_seeded_and_independent_of_the_chunking():
