@@ -33,6 +33,20 @@ def _merge_all(xs, base):
     return out
 
 
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_short_point_gram_in_fp64_equals_the_cpu_one(dtype):
+    """A task vector 1000x shorter than the others: its key is recomputed in fp64 (gram.py,
+    "Norms") on the device too; both devices then agree far below fp32's 1e-7."""
+    xs, base = _models(torch.float64)
+    xs[1] = base + 1e-3 * (xs[1] - base)
+    xs, base = [x.to(dtype) for x in xs], base.to(dtype)
+    cpu = gram_matrix(xs, base)
+    gpu = gram_matrix([x.cuda() for x in xs], base.cuda()).cpu()
+    assert float((cpu - gpu).abs().max()) <= 1e-12 * float(cpu.abs().max())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_same_inputs_same_device_bit_identical(dtype):
     xs, base = _models(dtype)
