@@ -140,11 +140,13 @@ def gram_matrix(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None, *,
     if n == 0:
         raise MergeInputError(f"key '{key}': no input tensors")
     beta = pivoted_products(xs, base, full=full, chunk_elems=chunk_elems)
+
+    def redo(exp2: int = 0, dtype=None):  # rows scaled by 2^-exp2, or in fp64 (half the elements: same bytes)
+        chunk = chunk_elems or (default_chunk(xs[0].device) // 2 if dtype else None)
+        return pivoted_products(xs, base, full=full, chunk_elems=chunk, exp2=exp2, dtype=dtype)
+
     if check and xs[0].numel():
-        beta = _checked(beta, xs, base, key, norms=full,
-                        redo=lambda e: pivoted_products(xs, base, full=full, chunk_elems=chunk_elems, exp2=e),
-                        redo64=lambda: pivoted_products(xs, base, full=full, dtype=torch.float64,  # same bytes:
-                                                        chunk_elems=chunk_elems or default_chunk(xs[0].device) // 2))
+        beta = _checked(beta, xs, base, key, norms=full, redo=redo)
     return map_pivoted(beta, full)
 
 
@@ -355,7 +357,7 @@ def locate_nonfinite(xs, base, key: str) -> None:
             raise MergeInputError(f"key '{key}': {name} contains {kind} values")
 
 
-def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True, redo=None, redo64=None) -> torch.Tensor:
+def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True, redo=None) -> torch.Tensor:
     from .inputs import nonfinite_kind
 
     n = beta.shape[0]
@@ -376,11 +378,11 @@ def _checked(beta: torch.Tensor, xs, base, key: str, norms: bool = True, redo=No
     if norms and small and n > 1:
         short = [i for i in range(1, n) if sq[i] <= SHORT_POINT * max(sq)]
         zero = [i for i in short if _is_zero_point(xs[i], base)]
-        if len(zero) < len(short) and redo64 is not None and compute_dtype(*xs, base) != torch.float64:
+        if len(zero) < len(short) and redo is not None and compute_dtype(*xs, base) != torch.float64:
             # a short point's norm (pivoted: ‖b_0 + b_i‖^2) carries ~1e-7·max‖p‖^2 from fp32
             # products, which can be all of it: its direction is then noise, and a Karcher mean
             # built on it came out longer than every input (test_kernels_fuzz). fp64 resolves it.
-            beta = redo64()
+            beta = redo(dtype=torch.float64)
         if zero:  # p_i = 0 exactly: b_{i-1} = -b_0, make its Gram rows exact
             r = torch.eye(n, dtype=beta.dtype, device=beta.device)
             for i in zero:
