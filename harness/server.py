@@ -5,6 +5,7 @@ on a GPU machine), and the host tests and benchmarks run the merge on it."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -131,6 +132,16 @@ class ComfyServer:
                 raise TimeoutError(f"no '{text}' in the server log within {timeout:.0f} s; log:\n{self.log_tail()}")
             time.sleep(0.05)
         return time.monotonic() - t0
+
+    def pack_warnings(self) -> list[str]:
+        """Python warnings the pack's own files printed into the server's log (numpy/torch
+        RuntimeWarnings reach the user's console as noise that looks like a fault)."""
+        pat = re.compile(r"custom_nodes/comfyui-barycenter/\S+\.py:\d+: \w*Warning: .*")
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return pat.findall(text)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

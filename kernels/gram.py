@@ -179,13 +179,19 @@ def map_pivoted(beta: torch.Tensor, full: bool) -> torch.Tensor:
     only the centred block and writes the marker (G[0, 0] = -1, G[0, i] = G[i, 0] = 0)."""
     t = pivot_map(beta.shape[-1], device=beta.device)
     g = t @ beta @ t.T
-    if full:  # ‖m‖^2 >= 0; rounding must not make it negative (the full=False marker)
-        g[..., 0, 0].clamp_min_(0.0)
-    else:
+    # a full Gram keeps ‖m‖^2 as mapped, even slightly negative from rounding: clamping that entry
+    # alone broke ‖p_i‖^2 = ‖m‖^2 + 2<m, d_i> + ‖d_i‖^2 (an exact-zero task vector got a norm, and a
+    # Karcher merge of task vectors summing to ~0 came out ~0)
+    if not full:
         g[..., 0, :] = 0.0
         g[..., :, 0] = 0.0
         g[..., 0, 0] = -1.0
     return g
+
+
+def is_centred_only(grams: torch.Tensor) -> torch.Tensor:
+    """(...,) bool: the Gram carries map_pivoted's full=False marker (no norms), also summed over keys."""
+    return (grams[..., 0, 0] < 0) & (grams[..., 0, 1:] == 0).all(-1)
 
 
 def _pivot_products(flat, fb, n: int, chunk: int, cdt, dev, full: bool, exp2: int = 0) -> torch.Tensor:

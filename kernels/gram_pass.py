@@ -196,7 +196,8 @@ def _batch_grams(groups, bases, full: bool):
     starts = np.cumsum([0] + lengths[:-1])
 
     def key_sums(v: torch.Tensor) -> torch.Tensor:  # (total,) -> (K,) fp64: each key's segment summed
-        return torch.from_numpy(np.add.reduceat(v.numpy(), starts, dtype=np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf of overflowing keys: flagged below
+            return torch.from_numpy(np.add.reduceat(v.numpy(), starts, dtype=np.float64))
 
     sums = torch.empty(len(ii), k, dtype=torch.float64)
     prod = torch.empty(total, dtype=torch.float32)

@@ -37,7 +37,7 @@ import math
 import torch
 
 from .errors import MergeInputError
-from .gram import quad
+from .gram import is_centred_only, quad
 from .solution import Solution, identical_units, may_stop, one_hot_first, prepare, small_op_threads
 
 DEFAULTS = {"tol": 1e-10, "max_iter": 100, "eps": 1e-6}
@@ -55,7 +55,7 @@ def solve_karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
 def _karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
              max_iter: int = DEFAULTS["max_iter"], eps: float = DEFAULTS["eps"]) -> Solution:
     g, w = prepare(grams, weights)
-    if bool((g[:, 0, 0] < 0).any()):
+    if bool(is_centred_only(g).any()):
         raise MergeInputError("karcher needs norms: compute the Grams with gram_matrix(..., full=True)")
     k, n = g.shape[0], g.shape[1] - 1
     dev = g.device

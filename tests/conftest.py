@@ -72,6 +72,8 @@ def server(host, checkpoints_dir, tmp_path_factory):
     yield srv
     client.close()
     srv.stop()
+    noise = srv.pack_warnings()
+    assert not noise, f"the pack printed warnings into ComfyUI's log: {noise}"
 
 
 @pytest.fixture(autouse=True)

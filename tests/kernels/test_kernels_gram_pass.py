@@ -66,6 +66,19 @@ def test_zero_point_made_exact_like_gram_matrix():
         assert torch.equal(got[j], gram_matrix(xs, b, full=True)), "flagged keys are recomputed per key"
 
 
+@pytest.mark.parametrize("full", [True, False])
+def test_small_key_with_overflowing_products_rescaled_quietly(full):
+    """fp32 products of a small key overflow (inf - inf = nan in its batch sums): the key is
+    flagged and recomputed like gram_matrix, with no RuntimeWarning (pytest.ini makes one fail)."""
+    keys = _keys(3, torch.float32, seed=4)
+    j = next(i for i, (xs, _) in enumerate(keys) if xs[0].numel() == 320)
+    keys[j] = ([x * 2.0 ** 80 for x in keys[j][0]], None)  # the differences overflow too
+    got = _pass(keys, full)
+    ref = gram_matrix([x.double() for x in keys[j][0]], None, full=full)
+    assert bool(torch.isfinite(got[j]).all())
+    assert _rel(got[j][1:, 1:], ref[1:, 1:]) < 1e-6
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("scale", [1e-3, 0.02])  # ‖p‖^2 ratios 1e-6 and 4e-4, under SHORT_POINT
 def test_short_point_recomputed_in_fp64_like_gram_matrix(workers, scale):

@@ -212,6 +212,49 @@ def test_karcher_point_1000x_shorter_and_antipodal_keeps_the_mean_norm():
     assert float(y) == pytest.approx(-sum(norms) / 3, rel=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["gram_matrix", "GramPass"])
+def test_karcher_task_vectors_summing_to_zero_with_an_input_equal_to_the_base(dtype, path):
+    """Mixes of A and B around the base (A+B)/2, one of them equal to it: ‖m‖^2 is ~0 and came out
+    of the map slightly negative; clamping it to 0 gave the zero task vector a norm (1e-4 of the
+    others') and a direction made of noise, and the merge came out at 3e-6 of the right length."""
+    from kernels import GramPass
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(4096, generator=g) * 0.05
+    b = a + 0.01 * torch.randn(4096, generator=g)
+    base = ((a + b) / 2).to(dtype)
+    xs = [(r * a + (1 - r) * b).to(dtype) for r in (0.0, 0.5, 1.0, 0.3, 0.0, 1.0, 0.7)]
+    assert torch.equal(xs[1], base)
+    if path == "GramPass":
+        gp = GramPass(1, full=True)
+        gp.add(0, xs, base, "k")
+        grams = gp.result()
+    else:
+        grams = gram_matrix(xs, base)[None]
+    sol = solve("karcher", grams, None)
+    assert sol.record["excluded"][0].tolist() == [False, True] + [False] * 5
+    taus = [x.double() - base.double() for x in xs]
+    y = apply(sol.coeffs[0], taus)
+    norms = [float(t.norm()) for t in taus]
+    # bf16 rounding leaves two nearly antipodal clusters: the direction found is the noise between
+    # them, a cancelling combination whose length the fp32-product Gram knows to ~3e-4
+    assert float(y.norm()) == pytest.approx(sum(norms) / 7, rel=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_karcher_refuses_centred_only_grams_and_takes_a_slightly_negative_mean_norm():
+    from kernels import MergeInputError
+
+    xs = [torch.randn(300, dtype=torch.float64) for _ in range(3)]
+    part = gram_matrix(xs, full=False)
+    for grams in (part[None], (part + part)[None]):  # one key, and summed over keys (block scope)
+        with pytest.raises(MergeInputError, match="karcher needs norms"):
+            solve("karcher", grams, None)
+    full = gram_matrix(xs)
+    full[0, 0] = -1e-12 * float(full.diagonal().max())  # ‖m‖^2 ~ 0, rounded below 0
+    assert torch.isfinite(solve("karcher", full[None], None).coeffs).all()
+
+
 def test_karcher_antipodal_inputs_handled():
     u = torch.randn(40, dtype=torch.float64)
     xs = [u, -2 * u]
