@@ -127,6 +127,10 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
             unit_grams.index_add_(0, unit_ids, grams)
             sol = solve(method, unit_grams, w, **params)
             coeffs, record = sol.coeffs, sol.record
+            ill = record.get("ill_posed")
+            if ill is not None and bool(ill.any()):
+                report["ill_posed_note"] = _ill_posed_note(method, unit_names, ill)
+                host_api.log.warning("comfyui-barycenter: %s", report["ill_posed_note"])
             report["timing"] = {"read_s": t_read - t0, "solve_s": time.perf_counter() - t_read}
             if dev.type == "cpu":
                 report["cpu_gram_kernel"] = fused_kernels.status()
@@ -241,6 +245,15 @@ def add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength):
         for key, u in zip(keys, unit_ids):
             scale = 1.0 if i > first else (0.0 if own else rows[u][0])
             host_api.restrength_last_patch(patcher, key, rows[u][i], scale)
+
+
+def _ill_posed_note(method: str, names: list[str], ill: torch.Tensor) -> str:
+    bad = [names[u] for u in ill.nonzero()[:, 0].tolist()]
+    shown = ", ".join(f"'{b}'" for b in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    return (f"{method}: in {len(bad)} of {len(names)} units the inputs point in opposite directions "
+            f"that cancel (no half-space holds them all: task vectors around their own average? is "
+            f"base_model an average of the models?); they have no {method} mean and were merged as "
+            f"the weighted mean ({shown}; 'ill_posed' in the units)")
 
 
 def _unit_report(names, coeffs, record) -> list[dict]:

@@ -71,6 +71,7 @@ class Parsed:
     device: str | None = None
     gram: str | None = None  # "computed", or "reused" from an earlier merge of the same inputs
     device_note: str | None = None  # why the merge ran elsewhere than device=auto would say
+    ill_posed_note: str | None = None  # units whose inputs cancel: merged as the weighted mean
 
     @property
     def n(self) -> int:
@@ -145,7 +146,8 @@ def parse_report(text) -> Parsed:
                distances=[[float(v) for v in r] for r in distances] if distances else None,
                units=len(units), timing=data.get("timing") if isinstance(data.get("timing"), dict) else {},
                device=data.get("device"), gram=data.get("gram") if isinstance(data.get("gram"), str) else None,
-               device_note=data.get("device_note") if isinstance(data.get("device_note"), str) else None)
+               device_note=data.get("device_note") if isinstance(data.get("device_note"), str) else None,
+               ill_posed_note=data.get("ill_posed_note") if isinstance(data.get("ill_posed_note"), str) else None)
     # convergence
     for u in units:
         it = u.get("iterations")
@@ -236,6 +238,8 @@ def summary(p: Parsed) -> str:
         lines.append(f"time: {total:.2f} s on {p.device or '?'}{reused}")
     if p.device_note:
         lines.append(f"device: {p.device_note}")
+    if p.ill_posed_note:
+        lines.append(f"note: {p.ill_posed_note}")
     return "\n".join(lines)
 
 

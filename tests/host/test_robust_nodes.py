@@ -204,6 +204,45 @@ def test_task_vector_mode(comfy, server, node):
     assert_linear_close(saved, expected, scale)
 
 
+def test_karcher_with_the_average_as_base_merges_as_the_weighted_mean_and_says_so(comfy, server, checkpoints_dir):
+    """base_model = the average of the inputs: their task vectors cancel (0 in their hull), so no
+    Karcher mean exists; each unit is merged as the weighted mean and the report says why."""
+    from safetensors.torch import save_file
+
+    names, xs = family([1, 2, 3])
+    states = [load_state_dict(checkpoint(seed=s, **FAMILY)) for s in (1, 2, 3)]
+    avg = {k: (sum(st[k].double() for st in states) / 3).to(states[0][k].dtype) for k in states[0]}
+    base_name = "average_of_1_2_3_sd15.safetensors"
+    save_file(avg, str(checkpoints_dir / base_name))
+    settings = NODES["BarycenterKarcherMean"][1]
+    g = Graph()
+    loaders = [load_checkpoint(g, n) for n in names]
+    merged = merge_node(g, "BarycenterKarcherMean", [Graph.out(l, 0) for l in loaders],
+                        base_model=Graph.out(load_checkpoint(g, base_name), 0), **settings)
+    cap = capture(g, merged)
+    prefix = f"checkpoints/karcher_average_base_{next(_n)}"
+    g.add("CheckpointSave", model=Graph.out(merged, 0), clip=Graph.out(loaders[0], 1),
+          vae=Graph.out(loaders[0], 2), filename_prefix=prefix)
+    run = comfy.run(g.prompt())
+    assert run.status == "success", run.error_text
+    report = captured(run, cap)
+    units = report["units"]
+    ill = [u for u in units if u["ill_posed"]]
+    # the fp16 norm weights near 1, where the models differ by a few ulps, are exempt: there the
+    # base's rounding to fp16 is as large as the task vectors, which then no longer cancel
+    for u in units:
+        x = xs[0][u["name"].removeprefix("diffusion_model.")].float()
+        assert u["ill_posed"] or abs(float(x.abs().mean()) - 1) < 1e-3, u["name"]
+    assert len(ill) > 0.8 * len(units), (len(ill), len(units))
+    assert f"in {len(ill)} of {len(units)} units" in report["ill_posed_note"], report["ill_posed_note"]
+    assert "base_model an average" in report["ill_posed_note"]
+    for u in ill:
+        assert u["coefficients"] == pytest.approx([1 / 3] * 3, abs=1e-15), u["name"]
+    saved = unet(saved_checkpoint(server, prefix))
+    expected, _, scale = expected_linear("karcher", xs, settings, base=unet(avg))
+    assert_linear_close(saved, expected, scale)
+
+
 # --- effective weights, untouched inputs ---------------------------------------------------------
 
 def _save(comfy, server, g, model, loader):

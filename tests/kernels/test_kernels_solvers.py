@@ -217,7 +217,9 @@ def test_karcher_point_1000x_shorter_and_antipodal_keeps_the_mean_norm():
 def test_karcher_task_vectors_summing_to_zero_with_an_input_equal_to_the_base(dtype, path):
     """Mixes of A and B around the base (A+B)/2, one of them equal to it: ‖m‖^2 is ~0 and came out
     of the map slightly negative; clamping it to 0 gave the zero task vector a norm (1e-4 of the
-    others') and a direction made of noise, and the merge came out at 3e-6 of the right length."""
+    others') and a direction made of noise, and the merge came out at 3e-6 of the right length.
+    In fp32 the task vectors lie on one line (±(A-B)): the Karcher mean is the heavier side with
+    the mean norm. bf16 rounding takes them off the line: they surround 0, no Karcher mean."""
     from kernels import GramPass
 
     g = torch.Generator().manual_seed(5)
@@ -236,10 +238,55 @@ def test_karcher_task_vectors_summing_to_zero_with_an_input_equal_to_the_base(dt
     assert sol.record["excluded"][0].tolist() == [False, True] + [False] * 5
     taus = [x.double() - base.double() for x in xs]
     y = apply(sol.coeffs[0], taus)
-    norms = [float(t.norm()) for t in taus]
-    # bf16 rounding leaves two nearly antipodal clusters: the direction found is the noise between
-    # them, a cancelling combination whose length the fp32-product Gram knows to ~3e-4
-    assert float(y.norm()) == pytest.approx(sum(norms) / 7, rel=1e-6 if dtype == torch.float32 else 1e-3)
+    if dtype == torch.float32:
+        assert not bool(sol.record["ill_posed"][0])
+        norms = [float(t.norm()) for t in taus]
+        assert float(y.norm()) == pytest.approx(sum(norms) / 7, rel=1e-6)
+    else:
+        assert bool(sol.record["ill_posed"][0])
+        assert rel(y, sum(taus) / 7) < 1e-12  # the weighted mean
+
+
+def _hull_min_norm(units: np.ndarray) -> float:
+    """min over the simplex of ‖Σ λ_i u_i‖ by scipy's SLSQP (rows of `units` are the u_i)."""
+    from scipy.optimize import minimize
+
+    n = len(units)
+    q = units @ units.T
+    r = minimize(lambda l: l @ q @ l, np.full(n, 1 / n), jac=lambda l: 2 * q @ l, method="SLSQP",
+                 bounds=[(0, 1)] * n, constraints=[{"type": "eq", "fun": lambda l: l.sum() - 1}],
+                 options={"ftol": 1e-15, "maxiter": 1000})
+    return float(np.sqrt(max(r.fun, 0.0)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_karcher_ill_posed_exactly_where_the_directions_hull_comes_near_zero(seed):
+    """The solver's half-space check against scipy's min-norm point of the directions' hull, on
+    clouds built to land on both sides of the 0.05 margin: a cluster, points pushed across to
+    the far side, some exactly around their own average."""
+    from kernels.karcher import SURROUND_MARGIN
+
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(2, 9)), int(rng.choice([2, 3, 16, 300]))
+    pts = rng.normal(size=(n, d)) * 0.1 + rng.normal(size=d)
+    for i in rng.choice(n, size=int(rng.integers(0, n)), replace=False):
+        pts[i] = -pts[i] * rng.uniform(0.2, 3) + rng.normal(size=d) * rng.choice([1e-3, 0.05, 0.3])
+    if seed % 4 == 0:
+        pts -= pts.mean(0)  # task vectors around their own average
+    xs = list(torch.tensor(pts))
+    sol = solve("karcher", gram_matrix(xs)[None], None)
+    units = pts / np.linalg.norm(pts, axis=1, keepdims=True)
+    nearest = _hull_min_norm(units)
+    collinear = bool((1 - np.abs(units @ units.T) <= 1e-6).all())
+    ill = bool(sol.record["ill_posed"][0])
+    if abs(nearest - SURROUND_MARGIN) > 0.01:  # FISTA's fixed steps bound it within ~0.01 here
+        assert ill == (nearest < SURROUND_MARGIN and not collinear), (nearest, collinear, n, d)
+    if ill:
+        assert torch.equal(sol.coeffs[0], torch.full((n,), 1 / n, dtype=torch.float64))
+    else:  # where it has one, the Karcher mean keeps the weighted mean of the norms
+        y = apply(sol.coeffs[0], xs)
+        want = float(np.linalg.norm(pts, axis=1).mean())
+        assert float(y.norm()) == pytest.approx(want, rel=1e-6)
 
 
 def test_karcher_refuses_centred_only_grams_and_takes_a_slightly_negative_mean_norm():
