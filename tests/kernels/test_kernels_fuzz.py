@@ -96,8 +96,8 @@ def test_geometric_median_finite_in_box_and_optimal(cloud, chunk):
     # no input and not the weighted mean does better (fp64 objective, fp32 rounding of y allowed)
     pts = torch.stack([v.double() for v in xs])
     m = float(pts.abs().max())
-    # (Weiszfeld approaches a median at an input of weight just above 1/2 only linearly, at a
-    # rate near 1: such cases end unconverged after max_iter and say so in the record)
+    # (a median at an input is found before iterating; one just off an input Weiszfeld approaches
+    # only linearly, at a rate near 1: such cases end unconverged after max_iter and say so)
     if m > 0 and bool(sol.record["converged"][0]):
         def objective(p):
             return float((w * (pts / m - p / m).norm(dim=1)).sum())
