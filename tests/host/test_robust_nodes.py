@@ -41,18 +41,20 @@ def base_files():
     return ckpt(arch="sd15", seed=0), unet(load_state_dict(checkpoint(arch="sd15", seed=0)))
 
 
-def run_merge_and_save(comfy, server, node, names, settings, base=None, extra_nodes=None):
+def run_merge_and_save(comfy, server, node, names, settings, base=None, extra_nodes=None, report=False):
+    """(the saved UNet, the run), or (the saved UNet, the merge's report) with report=True."""
     g = Graph()
     loaders = [load_checkpoint(g, n) for n in names]
     if base is not None:
         settings = {**settings, "base_model": Graph.out(load_checkpoint(g, base), 0)}
     merged = merge_node(g, node, [Graph.out(l, 0) for l in loaders], **settings)
+    cap = capture(g, merged) if report else None
     prefix = f"checkpoints/{node}_{next(_n)}"
     g.add("CheckpointSave", model=Graph.out(merged, 0), clip=Graph.out(loaders[0], 1),
           vae=Graph.out(loaders[0], 2), filename_prefix=prefix)
     run = comfy.run(g.prompt())
     assert run.status == "success", run.error_text
-    return unet(saved_checkpoint(server, prefix)), run
+    return unet(saved_checkpoint(server, prefix)), (captured(run, cap) if report else run)
 
 
 def expected_linear(method, xs, settings, weights="", base=None, strength=1.0):
@@ -215,17 +217,8 @@ def test_karcher_with_the_average_as_base_merges_as_the_weighted_mean_and_says_s
     base_name = "average_of_1_2_3_sd15.safetensors"
     save_file(avg, str(checkpoints_dir / base_name))
     settings = NODES["BarycenterKarcherMean"][1]
-    g = Graph()
-    loaders = [load_checkpoint(g, n) for n in names]
-    merged = merge_node(g, "BarycenterKarcherMean", [Graph.out(l, 0) for l in loaders],
-                        base_model=Graph.out(load_checkpoint(g, base_name), 0), **settings)
-    cap = capture(g, merged)
-    prefix = f"checkpoints/karcher_average_base_{next(_n)}"
-    g.add("CheckpointSave", model=Graph.out(merged, 0), clip=Graph.out(loaders[0], 1),
-          vae=Graph.out(loaders[0], 2), filename_prefix=prefix)
-    run = comfy.run(g.prompt())
-    assert run.status == "success", run.error_text
-    report = captured(run, cap)
+    saved, report = run_merge_and_save(comfy, server, "BarycenterKarcherMean", names, settings,
+                                       base=base_name, report=True)
     units = report["units"]
     ill = [u for u in units if u["ill_posed"]]
     # the fp16 norm weights near 1, where the models differ by a few ulps, are exempt: there the
@@ -238,7 +231,6 @@ def test_karcher_with_the_average_as_base_merges_as_the_weighted_mean_and_says_s
     assert "base_model an average" in report["ill_posed_note"]
     for u in ill:
         assert u["coefficients"] == pytest.approx([1 / 3] * 3, abs=1e-15), u["name"]
-    saved = unet(saved_checkpoint(server, prefix))
     expected, _, scale = expected_linear("karcher", xs, settings, base=unet(avg))
     assert_linear_close(saved, expected, scale)
 
