@@ -123,15 +123,19 @@ def _karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
         if may_stop(done, it):
             break
 
-    theta, _ = angles(b)
-    theta = torch.where(excl, 0.0, theta)
     coeffs = magnitude[:, None] * b
     coeffs = torch.where(alive[:, None], coeffs, 0.0)
     # directions that cancel (0 in or near their convex hull) have no Karcher mean: the iteration
     # ends on rounding noise in a direction orthogonal to every input, its norm wrong by up to 100%
-    # (task vectors around their own average). The weighted mean there, flagged ill_posed.
+    # (task vectors around their own average). The weighted mean there (closed form: converged),
+    # flagged ill_posed; its angles and objective are the weighted mean's direction's.
     ill = alive & surrounds_zero(g, inv_a, wbar > 0)
     coeffs = torch.where(ill[:, None], wk, coeffs)
+    done = done | ill
+    nw = qp(wk[:, None, :])[:, 0].sqrt()
+    b = torch.where(ill[:, None], wk / torch.where(nw > 0, nw, 1.0)[:, None], b)
+    theta, _ = angles(b)
+    theta = torch.where(excl, 0.0, theta)
     same = identical_units(g)
     if int((w > 0).sum()) == 1:  # one model carries all the weight: that model, exactly
         same = torch.ones_like(same)

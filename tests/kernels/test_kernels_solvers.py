@@ -281,8 +281,9 @@ def test_karcher_ill_posed_exactly_where_the_directions_hull_comes_near_zero(see
     ill = bool(sol.record["ill_posed"][0])
     if abs(nearest - SURROUND_MARGIN) > 0.01:  # FISTA's fixed steps bound it within ~0.01 here
         assert ill == (nearest < SURROUND_MARGIN and not collinear), (nearest, collinear, n, d)
-    if ill:
+    if ill:  # the weighted mean, in closed form
         assert torch.equal(sol.coeffs[0], torch.full((n,), 1 / n, dtype=torch.float64))
+        assert bool(sol.record["converged"][0]) and bool(torch.isfinite(sol.record["angles"]).all())
     else:  # where it has one, the Karcher mean keeps the weighted mean of the norms
         y = apply(sol.coeffs[0], xs)
         want = float(np.linalg.norm(pts, axis=1).mean())
