@@ -125,6 +125,14 @@ def test_device_note_in_the_summary():
     assert "device:" not in plain
 
 
+def test_ill_posed_note_in_the_summary():
+    note = "karcher: in 3 of 4 units the inputs point in opposite directions that cancel (...)"
+    _, text = rep.BarycenterMergeReport().render(json.dumps({**json.loads(synthetic()), "ill_posed_note": note}))["result"]
+    assert f"note: {note}" in text
+    _, plain = rep.BarycenterMergeReport().render(synthetic())["result"]
+    assert "note:" not in plain
+
+
 def test_block_fallback_rule():
     assert rep.fallback_block_of("diffusion_model.input_blocks.4.1.proj_in.weight") == "diffusion_model.input_blocks.4"
     assert rep.fallback_block_of("clip_l.transformer.text_model.encoder.layers.7.mlp.fc1.weight") == \
