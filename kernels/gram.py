@@ -426,12 +426,16 @@ def pairwise_distances(grams: torch.Tensor) -> torch.Tensor:
     return out * (1 - torch.eye(out.shape[-1], dtype=out.dtype, device=out.device))
 
 
+def point_products(grams: torch.Tensor) -> torch.Tensor:
+    """(..., N, N) inner products <p_i, p_j> = ‖m‖^2 + <m, d_i> + <m, d_j> + <d_i, d_j> from
+    augmented Grams."""
+    g0 = grams[..., 0, 1:]
+    return grams[..., :1, :1] + g0.unsqueeze(-1) + g0.unsqueeze(-2) + grams[..., 1:, 1:]
+
+
 def point_norms(grams: torch.Tensor) -> torch.Tensor:
     """(..., N) norms ‖p_i‖ from augmented Grams."""
-    g00 = grams[..., 0, 0].unsqueeze(-1)
-    g0 = grams[..., 0, 1:]
-    gd = grams[..., 1:, 1:].diagonal(dim1=-2, dim2=-1)
-    return (g00 + 2 * g0 + gd).clamp_min(0).sqrt()
+    return point_products(grams).diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
 
 
 def quad(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

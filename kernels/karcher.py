@@ -45,7 +45,7 @@ import math
 import torch
 
 from .errors import MergeInputError
-from .gram import is_centred_only, quad
+from .gram import is_centred_only, point_products, quad
 from .solution import Solution, identical_units, may_stop, one_hot_first, prepare, small_op_threads
 
 DEFAULTS = {"tol": 1e-10, "max_iter": 100, "eps": 1e-6}
@@ -168,8 +168,7 @@ def surrounds_zero(g: torch.Tensor, inv_a: torch.Tensor, use: torch.Tensor,
     _HULL_STEPS steps without a host sync; the value reached bounds the minimum from above
     (within ~8N/steps^2 of it)."""
     k, n = inv_a.shape
-    gp = g[:, :1, :1] + g[:, 0, 1:, None] + g[:, None, 0, 1:] + g[:, 1:, 1:]  # <p_i, p_j>
-    q = inv_a[:, :, None] * gp * inv_a[:, None, :]
+    q = inv_a[:, :, None] * point_products(g) * inv_a[:, None, :]
     pair = use[:, :, None] & use[:, None, :]
     out = torch.zeros(k, dtype=torch.bool, device=g.device)
     # collinear directions (±u within ~1e-3 rad: a scalar key, or task vectors along one line)

@@ -117,20 +117,15 @@ def test_synthetic_outlier_picture_and_summary():
     assert "12/12 units converged" in text
 
 
-def test_device_note_in_the_summary():
-    note = "mps does not compute in float64 (the Gram and the solvers need it): merged on the CPU"
-    _, text = rep.BarycenterMergeReport().render(json.dumps({**json.loads(synthetic()), "device_note": note}))["result"]
-    assert f"device: {note}" in text
+@pytest.mark.parametrize("field,prefix,note", [
+    ("device_note", "device", "mps does not compute in float64 (the Gram and the solvers need it): merged on the CPU"),
+    ("ill_posed_note", "note", "karcher: in 3 of 4 units the inputs point in opposite directions that cancel (...)"),
+])
+def test_notes_in_the_summary(field, prefix, note):
+    _, text = rep.BarycenterMergeReport().render(json.dumps({**json.loads(synthetic()), field: note}))["result"]
+    assert f"{prefix}: {note}" in text
     _, plain = rep.BarycenterMergeReport().render(synthetic())["result"]
-    assert "device:" not in plain
-
-
-def test_ill_posed_note_in_the_summary():
-    note = "karcher: in 3 of 4 units the inputs point in opposite directions that cancel (...)"
-    _, text = rep.BarycenterMergeReport().render(json.dumps({**json.loads(synthetic()), "ill_posed_note": note}))["result"]
-    assert f"note: {note}" in text
-    _, plain = rep.BarycenterMergeReport().render(synthetic())["result"]
-    assert "note:" not in plain
+    assert f"{prefix}:" not in plain
 
 
 def test_block_fallback_rule():
