@@ -123,18 +123,21 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
             else:
                 host_api.Progress(1)(1)
             t_read = time.perf_counter()
-            unit_grams = torch.zeros((len(unit_names),) + grams.shape[1:], dtype=grams.dtype)
-            unit_grams.index_add_(0, unit_ids, grams)
-            sol = solve(method, unit_grams, w, **params)
-            coeffs, record = sol.coeffs, sol.record
-            ill = record.get("ill_posed")
-            if ill is not None and bool(ill.any()):
-                report["ill_posed_note"] = _ill_posed_note(method, unit_names, ill)
-                host_api.log.warning("comfyui-barycenter: %s", report["ill_posed_note"])
-            report["timing"] = {"read_s": t_read - t0, "solve_s": time.perf_counter() - t_read}
-            if dev.type == "cpu":
-                report["cpu_gram_kernel"] = fused_kernels.status()
-            report["distances"] = pairwise_distances(grams.sum(0)).tolist()
+            # tiny CPU ops from here on: one thread (ATen forks above ~2k elements, and on a busy
+            # machine a fork/join waits for a time slice: the index_add below took 80 ms at times)
+            with intra_op_threads(1):
+                unit_grams = torch.zeros((len(unit_names),) + grams.shape[1:], dtype=grams.dtype)
+                unit_grams.index_add_(0, unit_ids, grams)
+                sol = solve(method, unit_grams, w, **params)
+                coeffs, record = sol.coeffs, sol.record
+                ill = record.get("ill_posed")
+                if ill is not None and bool(ill.any()):
+                    report["ill_posed_note"] = _ill_posed_note(method, unit_names, ill)
+                    host_api.log.warning("comfyui-barycenter: %s", report["ill_posed_note"])
+                report["timing"] = {"read_s": t_read - t0, "solve_s": time.perf_counter() - t_read}
+                if dev.type == "cpu":
+                    report["cpu_gram_kernel"] = fused_kernels.status()
+                report["distances"] = pairwise_distances(grams.sum(0)).tolist()
         add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength)
         report["units"] = _unit_report(unit_names, coeffs, record)
     else:
