@@ -14,8 +14,12 @@ How: the N values of an element are sorted by a comparator network (Batcher's od
 sort; each comparator is an elementwise min and max of two rows of a chunk), not by torch.sort
 along a dimension of size N, which is ~40x slower for N = 3. Equal weights need only the middle
 one or two outputs: comparators that cannot reach them are dropped, and one that feeds only its
-min (or max) onward computes only that (N = 3: 4 elementwise ops). Unequal weights sort the
-weights along with the values, then take the first position whose cumulative weight reaches 1/2.
+min (or max) onward computes only that (N = 3: 4 elementwise ops). Unequal weights that decide
+every ordering alike (weighted_plan: one model outweighs the rest -> that model; every k models
+outweigh the rest and no k-1 do -> the k-th value, as for equal weights; one model weighs exactly
+1/2 -> the midpoint of it and itself clamped to the others' range) are computed that way. Other
+unequal weights sort the weights along with the values, then take the first position whose
+cumulative weight reaches 1/2.
 The weights travel as integers round(w·2^23) in fp32 (partial sums exact) with thresholds checked
 to decide every subset of inputs as the fp64 weights do (integer_weights); where no such
 thresholds exist (a subset's weight within ~1e-7 of 1/2 but not within the tolerance), as fp64.
@@ -133,10 +137,12 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
     buf = scratch("element_median", (n + 1, chunk), cdt, dev)
     res = scratch("element_median.result", (chunk,), cdt, dev) if out.dtype != cdt else None
     total = torch.zeros((), dtype=cdt, device=dev)  # NaN/Inf anywhere makes it non-finite
-    if equal:
-        mid = (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
+    plan = ("select", (n // 2,) if n % 2 else (n // 2 - 1, n // 2)) if equal else weighted_plan(
+        tuple(w.to(torch.float64).tolist()))
+    if plan is not None and plan[0] == "select":
+        mid = plan[1]
         steps = selection_network(n, mid)
-    else:
+    elif plan is None:
         steps = sorting_network(n)
         wl = tuple(w.to(torch.float64).tolist())
         exact = integer_weights(wl)
@@ -154,14 +160,29 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
             v[i].copy_(flat[i][a:e])
         total.add_(v[:n].sum())
         rows = list(v[:n].unbind(0))
-        if equal:
+        if plan is not None and plan[0] == "input":
+            fo[a:e] = rows[plan[1]]
+            continue
+        if plan is not None and plan[0] == "select":
             _select(rows, v[n], steps)
             if len(mid) == 1:
                 fo[a:e] = rows[mid[0]]  # an input's value: converted once
                 continue
         target = fo[a:e] if res is None else res[: e - a]  # sums and blends in the compute dtype
-        if equal:
+        if plan is not None and plan[0] == "select":
             torch.add(rows[mid[0]], rows[mid[1]], out=target).div_(2)
+        elif plan is not None:  # "half": (x_k + clamp(x_k, min of the others, max of the others)) / 2
+            k = plan[1]
+            others = rows[:k] + rows[k + 1:]
+            lo, hi = v[n], others[0]
+            torch.minimum(others[0], others[1], out=lo)
+            torch.maximum(others[0], others[1], out=hi)
+            for o in others[2:]:
+                torch.minimum(lo, o, out=lo)
+                torch.maximum(hi, o, out=hi)
+            torch.maximum(rows[k], lo, out=lo)
+            torch.minimum(lo, hi, out=lo)
+            torch.add(rows[k], lo, out=target).div_(2)
         else:
             _weighted_pick(rows, v[n], wbuf[:, : e - a], wl, half, steps, fbuf[:, : e - a], wmasks[:, : e - a],
                            target, integer=exact is not None)
@@ -222,6 +243,66 @@ def _weighted_pick(rows, spare, wbuf, wl, half, steps, fbuf, wmasks, out, intege
     out.addcmul_(torch.lt(cw, half[0], out=first), rows[n - 1])  # not reached before the end
 
 
+def _subsets(wl: tuple[float, ...]):
+    """(bits, reached, tie) over the proper non-empty subsets of the inputs: a subset that fills
+    the first positions reaches 1/2 (within the tolerance) or ties it; None when some subset sum
+    is within 1e-14 of a threshold (the fp64 path's own sums could fall either side)."""
+    n = len(wl)
+    w = np.array(wl, dtype=np.float64)
+    bits = (np.arange(1, (1 << n) - 1)[:, None] >> np.arange(n)) & 1
+    total = bits @ w
+    lo, hi = 0.5 - _HALF_TOL, 0.5 + _HALF_TOL
+    if (np.abs(total - lo) < 1e-14).any() or (np.abs(total - hi) < 1e-14).any():
+        return None
+    reached = total >= lo
+    return bits, reached, reached & (total <= hi)
+
+
+@functools.lru_cache(maxsize=64)
+def weighted_plan(wl: tuple[float, ...]):
+    """How weights wl decide the median when they decide it alike for every ordering of the values
+    (else None: the weights travel through the sorting network). The cumulative weight of the
+    first positions is the weight of whichever subset of inputs sorted there, so:
+    - ("input", k): every subset holding model k reaches 1/2 (not a tie), none without it does:
+      the median is x_k;
+    - ("select", (p,)): every p-subset stays below 1/2, every (p+1)-subset passes it: the p-th
+      smallest value; ("select", (p, p+1)) when every (p+1)-subset ties: their midpoint;
+    - ("half", k): w_k ties 1/2, so do all the others together, no other subset without k reaches
+      it and every larger one with k passes it: x_k when it lies within the others' range, else
+      the midpoint of x_k and the nearest of them (x_k first or last ties there).
+    Equal weights are the ("select", middle) case."""
+    n = len(wl)
+    if n > MAX_SUBSET_INPUTS:
+        return None
+    sub = _subsets(wl)
+    if sub is None:
+        return None
+    bits, reached, tie = sub
+    size = bits.sum(1)
+    passed = reached & ~tie
+    for k in range(n):
+        holds = bits[:, k] == 1
+        if passed[holds].all() and not reached[~holds].any():
+            return ("input", k)
+    for p in range(n):
+        below = size == p
+        if reached[below].any():
+            break
+        nxt = size == p + 1
+        if passed[nxt].all():
+            return ("select", (p,))
+        if p + 1 < n and tie[nxt].all():
+            return ("select", (p, p + 1))
+    for k in range(n if n >= 3 else 0):
+        holds = bits[:, k] == 1
+        alone, rest = holds & (size == 1), ~holds & (size == n - 1)
+        others = ~holds & (size < n - 1)
+        if (tie[alone].all() and tie[rest].all() and not reached[others].any()
+                and passed[holds & (size > 1)].all()):
+            return ("half", k)
+    return None
+
+
 @functools.lru_cache(maxsize=64)
 def integer_weights(wl: tuple[float, ...]):
     """(q, reach, tie): integer weights q_j = round(w_j·2^23) (as floats) and thresholds such that
@@ -233,17 +314,14 @@ def integer_weights(wl: tuple[float, ...]):
     n = len(wl)
     if n > MAX_SUBSET_INPUTS:
         return None
-    w = np.array(wl, dtype=np.float64)
-    q = np.rint(w * 2.0 ** 23).astype(np.int64)
-    bits = (np.arange(1, (1 << n) - 1)[:, None] >> np.arange(n)) & 1  # proper non-empty subsets
-    total, qtotal = bits @ w, bits @ q
-    lo, hi = 0.5 - _HALF_TOL, 0.5 + _HALF_TOL
-    if (np.abs(total - lo) < 1e-14).any() or (np.abs(total - hi) < 1e-14).any():
-        return None  # the fp64 path's own sums could fall either side, by summation order
-    reached = total >= lo
+    sub = _subsets(wl)
+    if sub is None:
+        return None
+    bits, reached, tie = sub
+    q = np.rint(np.array(wl, dtype=np.float64) * 2.0 ** 23).astype(np.int64)
+    qtotal = bits @ q
     if not reached.any():
         return None
-    tie = reached & (total <= hi)
     reach = int(qtotal[reached].min())
     if (~reached).any() and int(qtotal[~reached].max()) >= reach:
         return None

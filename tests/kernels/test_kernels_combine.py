@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import combine, element_median, parse_weights, sign_elected_median, task_vector_coefficients
-from kernels.element_median import integer_weights, selection_network, sorting_network
+from kernels.element_median import integer_weights, selection_network, sorting_network, weighted_plan
 from kernels.sign_elected import TIE
 from tests.kernels.kernels_ref import direct_weiszfeld, rel
 
@@ -121,6 +121,29 @@ def test_element_median_network_matches_sort(n, wt, dtype):
             out = element_median(xs, w, chunk_elems=chunk)
             assert out.dtype == want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
             assert torch.equal(out, want), (n, wt, dtype, chunk)
+
+
+@pytest.mark.parametrize("wt, plan", [
+    ("3,1,1", ("input", 0)), ("1,2", ("input", 1)), ("1,1,5,1,1", ("input", 2)),
+    ("1,2,2", ("select", (1,))), ("0.3,0.3,0.4", ("select", (1,))), ("2,2,3,3,3", ("select", (2,))),
+    ("2,1,1", ("half", 0)), ("1,2,3", ("half", 2)), ("1,1,1,3", ("half", 3)), ("5,1,1,1,1,1", ("half", 0)),
+    ("1,1,1,2", None), ("1,2,3,4", None), ("1,1,2,2", None)])
+def test_weights_that_decide_every_ordering_alike_take_the_short_way(wt, plan):
+    """weighted_plan: a dominant model, a fixed order statistic, or one model of weight exactly 1/2
+    (x_k clamped to the others' range, averaged with x_k); the result equals the sort definition,
+    ties in the values included, in every dtype and chunking."""
+    n = len(wt.split(","))
+    w = parse_weights(wt, n)
+    assert weighted_plan(tuple(w.tolist())) == plan
+    g = torch.Generator().manual_seed(n)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for xs in ([torch.randn(3001, generator=g).to(dtype) for _ in range(n)],
+                   [torch.randint(-2, 3, (3001,), generator=g).to(dtype) for _ in range(n)]):
+            want = _sorted_weighted_median(xs, w)
+            for chunk in (None, 1000):
+                assert torch.equal(element_median(xs, w, chunk_elems=chunk), want), (wt, dtype, chunk)
+            if plan is not None and plan[0] == "input":
+                assert torch.equal(element_median(xs, w, out_dtype=dtype), xs[plan[1]])
 
 
 def test_element_median_task_mode_and_exact_values():
