@@ -9,6 +9,10 @@ Blocks (names without the "diffusion_model." prefix):
   (SDXL CLIP-L) and "conditioner.embedders.1.model..." (SDXL OpenCLIP bigG) are mapped to clip_l /
   clip_g): "clip_l.layers.<i>", "clip_l.embeddings", "clip_l.final_layer_norm",
   "clip_l.text_projection", "clip_l.logit_scale" (likewise clip_g).
+- Other diffusion models in ComfyUI's naming: a numbered block list whose name ends in "blocks"
+  or "layers" gives one block per entry (Flux "double_blocks.<i>", "single_blocks.<i>", SD3
+  "joint_blocks.<i>", DiTs' "blocks.<i>"); T5 text encoders ("t5xxl.transformer.encoder.block.<i>")
+  give "t5xxl.layers.<i>", "t5xxl.embeddings" (shared), "t5xxl.final_layer_norm".
 - Anything else: the key's top-level module, i.e. its first dotted component after the known
   wrapper prefixes ("first_stage_model.encoder.down.0..." -> "first_stage_model"; inside a UNet,
   "diffusion_model.foo.3.weight" -> "foo"; a key without dots is its own block).
@@ -21,7 +25,6 @@ from .errors import MergeInputError
 
 SCOPES = ("tensor", "block", "model", "element")
 
-_UNET_NUMBERED = ("input_blocks", "output_blocks")
 _CLIP_ALIASES = (
     ("cond_stage_model.transformer.", "clip_l.transformer."),
     ("cond_stage_model.model.", "clip_h.model."),
@@ -30,7 +33,7 @@ _CLIP_ALIASES = (
     ("text_encoders.clip_l.", "clip_l."),
     ("text_encoders.clip_g.", "clip_g."),
 )
-_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks)\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|resblocks|block)\.(\d+)\.")
 
 
 def block_of(key: str) -> str:
@@ -41,23 +44,23 @@ def block_of(key: str) -> str:
     if k.startswith("diffusion_model."):
         parts = k[len("diffusion_model."):].split(".")
         head = parts[0]
-        if head in _UNET_NUMBERED and len(parts) > 1 and parts[1].isdigit():
+        if head.endswith(("blocks", "layers")) and len(parts) > 1 and parts[1].isdigit():
             return f"{head}.{parts[1]}"
         return head
     for old, new in _CLIP_ALIASES:
         if k.startswith(old):
             k = new + k[len(old):]
             break
-    m = re.match(r"(clip_[a-z]+)\.(.*)$", k)
+    m = re.match(r"(clip_[a-z]+|t5[a-z]*)\.(.*)$", k)
     if m:
         enc, rest = m.group(1), m.group(2)
         layer = _LAYER.search("." + rest)
         if layer:
             return f"{enc}.layers.{layer.group(1)}"
-        for part in ("embeddings", "token_embedding", "positional_embedding", "final_layer_norm",
+        for part in ("embeddings", "token_embedding", "positional_embedding", "shared", "final_layer_norm",
                      "ln_final", "text_projection", "logit_scale"):
             if re.search(rf"(?:^|\.){part}(?:\.|$)", rest):
-                name = {"token_embedding": "embeddings", "positional_embedding": "embeddings",
+                name = {"token_embedding": "embeddings", "positional_embedding": "embeddings", "shared": "embeddings",
                         "ln_final": "final_layer_norm"}.get(part, part)
                 return f"{enc}.{name}"
         return f"{enc}.other"

@@ -17,7 +17,8 @@ TIPS = {
     "strength": "Task-vector mode only: result = base + strength * merge(inputs - base).",
     "device": "Where the merge is computed: auto = ComfyUI's torch device (the GPU when there is one; the CPU "
               "where that device has no float64, e.g. Apple MPS), or cpu.",
-    "scope": "Which weights share one solve: tensor = each key alone, block = each UNet/CLIP block, "
+    "scope": "Which weights share one solve: tensor = each key alone, block = each UNet/CLIP block "
+             "(input_blocks.4, clip_l.layers.7; Flux/SD3: double_blocks.3, joint_blocks.12), "
              "model = the whole model as one point.",
 }
 

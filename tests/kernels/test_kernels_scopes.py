@@ -23,6 +23,24 @@ def test_examples_from_the_spec():
     assert block_of("clip_l.logit_scale") == "clip_l.logit_scale"
 
 
+def test_numbered_blocks_of_other_diffusion_models_and_t5():
+    """ComfyUI's names for Flux, SD3 and DiT-style models, and its T5 encoder: one block per entry
+    of a numbered block list; other top-level modules stay whole."""
+    assert block_of("diffusion_model.double_blocks.3.img_attn.qkv.weight") == "double_blocks.3"
+    assert block_of("diffusion_model.single_blocks.37.linear1.weight") == "single_blocks.37"
+    assert block_of("diffusion_model.joint_blocks.12.context_block.attn.qkv.weight") == "joint_blocks.12"
+    assert block_of("diffusion_model.blocks.0.self_attn.q.weight") == "blocks.0"
+    assert block_of("diffusion_model.double_layers.2.attn.w1q.weight") == "double_layers.2"
+    assert block_of("diffusion_model.img_in.weight") == "img_in"
+    assert block_of("diffusion_model.final_layer.adaLN_modulation.1.bias") == "final_layer"
+    assert block_of("diffusion_model.time_in.in_layer.weight") == "time_in"
+    assert block_of("t5xxl.transformer.encoder.block.5.layer.1.DenseReluDense.wi_0.weight") == "t5xxl.layers.5"
+    assert block_of("t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight") \
+        == "t5xxl.layers.0"
+    assert block_of("t5xxl.transformer.shared.weight") == "t5xxl.embeddings"
+    assert block_of("t5xxl.transformer.encoder.final_layer_norm.weight") == "t5xxl.final_layer_norm"
+
+
 def test_checkpoint_names_and_fallback():
     assert block_of("model.diffusion_model.input_blocks.1.0.in_layers.2.weight") == "input_blocks.1"
     assert block_of("cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc2.bias") == "clip_l.layers.3"
