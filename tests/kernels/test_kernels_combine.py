@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from kernels import combine, element_median, parse_weights, sign_elected_median, task_vector_coefficients
+from kernels import MergeInputError, combine, element_median, parse_weights, sign_elected_median, task_vector_coefficients
 from kernels.element_median import integer_weights, selection_network, sorting_network, weighted_plan
 from kernels.sign_elected import TIE
 from tests.kernels.kernels_ref import direct_weiszfeld, rel
@@ -144,6 +144,11 @@ def test_weights_that_decide_every_ordering_alike_take_the_short_way(wt, plan):
                 assert torch.equal(element_median(xs, w, chunk_elems=chunk), want), (wt, dtype, chunk)
             if plan is not None and plan[0] == "input":
                 assert torch.equal(element_median(xs, w, out_dtype=dtype), xs[plan[1]])
+    other = 1 if plan is None or plan[1] == 0 else 0  # a model the short way does not pick
+    xs = [torch.randn(100, generator=g) for _ in range(n)]
+    xs[other][7] = float("nan")
+    with pytest.raises(MergeInputError, match=f"key 'k': model_{other + 1} contains NaN"):
+        element_median(xs, w, key="k")
 
 
 def test_element_median_task_mode_and_exact_values():
