@@ -246,8 +246,11 @@ def _weighted_pick(rows, spare, wbuf, wl, half, steps, fbuf, wmasks, out, intege
 def _subsets(wl: tuple[float, ...]):
     """(bits, reached, tie) over the proper non-empty subsets of the inputs: a subset that fills
     the first positions reaches 1/2 (within the tolerance) or ties it; None when some subset sum
-    is within 1e-14 of a threshold (the fp64 path's own sums could fall either side)."""
+    is within 1e-14 of a threshold (the fp64 path's own sums could fall either side), or more than
+    MAX_SUBSET_INPUTS inputs."""
     n = len(wl)
+    if n > MAX_SUBSET_INPUTS:
+        return None
     w = np.array(wl, dtype=np.float64)
     bits = (np.arange(1, (1 << n) - 1)[:, None] >> np.arange(n)) & 1
     total = bits @ w
@@ -271,14 +274,11 @@ def weighted_plan(wl: tuple[float, ...]):
       it and every larger one with k passes it: x_k when it lies within the others' range, else
       the midpoint of x_k and the nearest of them (x_k first or last ties there).
     Equal weights are the ("select", middle) case."""
-    n = len(wl)
-    if n > MAX_SUBSET_INPUTS:
-        return None
     sub = _subsets(wl)
     if sub is None:
         return None
     bits, reached, tie = sub
-    size = bits.sum(1)
+    n, size = bits.shape[1], bits.sum(1)
     passed = reached & ~tie
     for k in range(n):
         holds = bits[:, k] == 1
@@ -311,9 +311,6 @@ def integer_weights(wl: tuple[float, ...]):
     exact in fp32: the weights then travel through the network in fp32 instead of fp64 (~1.8x
     faster). None when some subset sum is too close to a threshold to decide it that way (or
     more than MAX_SUBSET_INPUTS inputs): the fp64 weights are carried then."""
-    n = len(wl)
-    if n > MAX_SUBSET_INPUTS:
-        return None
     sub = _subsets(wl)
     if sub is None:
         return None
