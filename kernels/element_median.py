@@ -17,9 +17,10 @@ one or two outputs: comparators that cannot reach them are dropped, and one that
 min (or max) onward computes only that (N = 3: 4 elementwise ops). Unequal weights that decide
 every ordering alike (weighted_plan: one model outweighs the rest -> that model; every k models
 outweigh the rest and no k-1 do -> the k-th value, as for equal weights; one model weighs exactly
-1/2 -> the midpoint of it and itself clamped to the others' range) are computed that way. Other
-unequal weights sort the weights along with the values, then take the first position whose
-cumulative weight reaches 1/2.
+1/2 -> the midpoint of it and itself clamped to the others' range) are computed that way; weights
+proportional to small whole numbers q_i (1,1,1,2 or 1,2,3,4) are the plain median of the values
+with x_i repeated q_i times, where that network is the shorter. Other unequal weights sort the
+weights along with the values, then take the first position whose cumulative weight reaches 1/2.
 The weights travel as integers round(w·2^23) in fp32 (partial sums exact) with thresholds checked
 to decide every subset of inputs as the fp64 weights do (integer_weights); where no such
 thresholds exist (a subset's weight within ~1e-7 of 1/2 but not within the tolerance), as fp64.
@@ -44,6 +45,7 @@ from .inputs import check_weights
 _HALF_TOL = 1e-12
 WRITABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # outputs written chunk by chunk
 MAX_SUBSET_INPUTS = 16  # integer_weights checks all 2^n subsets
+MAX_WIRES = 16  # weights as repeated inputs: at most this many in the median's network
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,11 +139,12 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
     buf = scratch("element_median", (n + 1, chunk), cdt, dev)
     res = scratch("element_median.result", (chunk,), cdt, dev) if out.dtype != cdt else None
     total = torch.zeros((), dtype=cdt, device=dev)  # NaN/Inf anywhere makes it non-finite
-    plan = ("select", (n // 2,) if n % 2 else (n // 2 - 1, n // 2)) if equal else weighted_plan(
-        tuple(w.to(torch.float64).tolist()))
+    plan = ("select", _middle(n), None) if equal else weighted_plan(tuple(w.to(torch.float64).tolist()))
     if plan is not None and plan[0] == "select":
-        mid = plan[1]
-        steps = selection_network(n, mid)
+        mid, counts = plan[1], plan[2]  # counts: wires per input (None: one each)
+        steps = selection_network(n if counts is None else sum(counts), mid)
+        if counts is not None:  # the first wire of an input is its row; the others copies of it
+            extra = scratch("element_median.wires", (sum(counts) - n, chunk), cdt, dev)
     elif plan is None:
         steps = sorting_network(n)
         wl = tuple(w.to(torch.float64).tolist())
@@ -164,6 +167,9 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
             fo[a:e] = rows[plan[1]]
             continue
         if plan is not None and plan[0] == "select":
+            if counts is not None:
+                copies = iter(extra[:, : e - a].unbind(0))
+                rows = rows + [next(copies).copy_(rows[i]) for i, c in enumerate(counts) for _ in range(c - 1)]
             _select(rows, v[n], steps)
             if len(mid) == 1:
                 fo[a:e] = rows[mid[0]]  # an input's value: converted once
@@ -243,6 +249,10 @@ def _weighted_pick(rows, spare, wbuf, wl, half, steps, fbuf, wmasks, out, intege
     out.addcmul_(torch.lt(cw, half[0], out=first), rows[n - 1])  # not reached before the end
 
 
+def _middle(n: int) -> tuple[int, ...]:
+    return (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
+
+
 def _subsets(wl: tuple[float, ...]):
     """(bits, reached, tie) over the proper non-empty subsets of the inputs: a subset that fills
     the first positions reaches 1/2 (within the tolerance) or ties it; None when some subset sum
@@ -268,12 +278,17 @@ def weighted_plan(wl: tuple[float, ...]):
     first positions is the weight of whichever subset of inputs sorted there, so:
     - ("input", k): every subset holding model k reaches 1/2 (not a tie), none without it does:
       the median is x_k;
-    - ("select", (p,)): every p-subset stays below 1/2, every (p+1)-subset passes it: the p-th
-      smallest value; ("select", (p, p+1)) when every (p+1)-subset ties: their midpoint;
+    - ("select", (p,), None): every p-subset stays below 1/2, every (p+1)-subset passes it: the
+      p-th smallest value; ("select", (p, p+1), None) when every (p+1)-subset ties: their midpoint;
     - ("half", k): w_k ties 1/2, so do all the others together, no other subset without k reaches
       it and every larger one with k passes it: x_k when it lies within the others' range, else
-      the midpoint of x_k and the nearest of them (x_k first or last ties there).
-    Equal weights are the ("select", middle) case."""
+      the midpoint of x_k and the nearest of them (x_k first or last ties there);
+    - ("select", middle, q): weights proportional to whole numbers q_i (sum Q <= MAX_WIRES) that
+      class every subset alike: the plain median of the values with x_i repeated q_i times (Q
+      odd: the value where the cumulative q first passes Q/2; Q even: the midpoint of the
+      values where it reaches Q/2 and passes it, which is one value unless it ties), taken when
+      its network is shorter than carrying the weights (1,1,1,2: 5 wires, 1,2,3,4: 10).
+    Equal weights are the ("select", middle, None) case."""
     sub = _subsets(wl)
     if sub is None:
         return None
@@ -290,9 +305,9 @@ def weighted_plan(wl: tuple[float, ...]):
             break
         nxt = size == p + 1
         if passed[nxt].all():
-            return ("select", (p,))
+            return ("select", (p,), None)
         if p + 1 < n and tie[nxt].all():
-            return ("select", (p, p + 1))
+            return ("select", (p, p + 1), None)
     for k in range(n if n >= 3 else 0):
         holds = bits[:, k] == 1
         alone, rest = holds & (size == 1), ~holds & (size == n - 1)
@@ -300,6 +315,22 @@ def weighted_plan(wl: tuple[float, ...]):
         if (tie[alone].all() and tie[rest].all() and not reached[others].any()
                 and passed[holds & (size > 1)].all()):
             return ("half", k)
+    w = np.array(wl, dtype=np.float64)
+    for total in range(n + 1, MAX_WIRES + 1):
+        q = np.rint(w * total)
+        if (q < 1).any() or np.abs(w * total - q).max() > 1e-9:
+            continue
+        twice = 2 * (bits @ q.astype(np.int64))
+        if (reached == (twice >= total)).all() and (tie == (twice == total)).all():
+            mid = _middle(total)
+            # rows read + written per chunk each way: a min or max 3, a copy 2; a weighted
+            # comparator 20, a scan step 31 (13 where no subset ties), setup 10. Against one
+            # thread's times at 4-5 inputs (1,2,3,4: 0.80 predicted, 0.73 measured; 2,3,4,5: 1.28
+            # and 1.35; 1,2,3,4,5: 1.12 and 1.07; 1,1,2,3,3: 0.51 and 0.47)
+            short = 3 * sum(lo + hi for _, _, lo, hi in selection_network(total, mid)) + 2 * (total - n)
+            if short < 20 * len(sorting_network(n)) + (31 if tie.any() else 13) * (n - 1) + 10:
+                return ("select", mid, tuple(int(c) for c in q))
+        break
     return None
 
 

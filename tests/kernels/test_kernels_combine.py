@@ -125,13 +125,18 @@ def test_element_median_network_matches_sort(n, wt, dtype):
 
 @pytest.mark.parametrize("wt, plan", [
     ("3,1,1", ("input", 0)), ("1,2", ("input", 1)), ("1,1,5,1,1", ("input", 2)),
-    ("1,2,2", ("select", (1,))), ("0.3,0.3,0.4", ("select", (1,))), ("2,2,3,3,3", ("select", (2,))),
+    ("1,2,2", ("select", (1,), None)), ("0.3,0.3,0.4", ("select", (1,), None)),
+    ("2,2,3,3,3", ("select", (2,), None)),
     ("2,1,1", ("half", 0)), ("1,2,3", ("half", 2)), ("1,1,1,3", ("half", 3)), ("5,1,1,1,1,1", ("half", 0)),
-    ("1,1,1,2", None), ("1,2,3,4", None), ("1,1,2,2", None)])
+    ("1,1,1,2", ("select", (2,), (1, 1, 1, 2))), ("1,1,2,2", ("select", (2, 3), (1, 1, 2, 2))),
+    ("0.1,0.2,0.3,0.4", ("select", (4, 5), (1, 2, 3, 4))), ("1,1,2,3,3", ("select", (4, 5), (1, 1, 2, 3, 3))),
+    ("1,2,3,5", None), ("2,3,4,5", None), ("1,2,3,4,5", None), ("0.1,0.25,0.3,0.35", None)])
 def test_weights_that_decide_every_ordering_alike_take_the_short_way(wt, plan):
-    """weighted_plan: a dominant model, a fixed order statistic, or one model of weight exactly 1/2
-    (x_k clamped to the others' range, averaged with x_k); the result equals the sort definition,
-    ties in the values included, in every dtype and chunking."""
+    """weighted_plan: a dominant model, a fixed order statistic, one model of weight exactly 1/2
+    (x_k clamped to the others' range, averaged with x_k), or whole-number weights as repeated
+    inputs where that network is the shorter (None: the weights travel through the sorting
+    network); the result equals the sort definition, ties in the values included, in every dtype
+    and chunking."""
     n = len(wt.split(","))
     w = parse_weights(wt, n)
     assert weighted_plan(tuple(w.tolist())) == plan
