@@ -135,19 +135,19 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
     fo = out.view(-1)
     flat = [x.reshape(-1) for x in xs]
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), numel))
-    equal = bool((w == w[0]).all())
+    wl = tuple(w.to(torch.float64).tolist())  # the one host sync for the weights
     buf = scratch("element_median", (n + 1, chunk), cdt, dev)
     res = scratch("element_median.result", (chunk,), cdt, dev) if out.dtype != cdt else None
     total = torch.zeros((), dtype=cdt, device=dev)  # NaN/Inf anywhere makes it non-finite
-    plan = ("select", _middle(n), None) if equal else weighted_plan(tuple(w.to(torch.float64).tolist()))
-    if plan is not None and plan[0] == "select":
+    plan = ("select", _middle(n), None) if len(set(wl)) == 1 else weighted_plan(wl)
+    kind = plan[0] if plan is not None else "weighted"
+    if kind == "select":
         mid, counts = plan[1], plan[2]  # counts: wires per input (None: one each)
         steps = selection_network(n if counts is None else sum(counts), mid)
         if counts is not None:  # the first wire of an input is its row; the others copies of it
             extra = scratch("element_median.wires", (sum(counts) - n, chunk), cdt, dev)
-    elif plan is None:
+    elif kind == "weighted":
         steps = sorting_network(n)
-        wl = tuple(w.to(torch.float64).tolist())
         exact = integer_weights(wl)
         if exact is None:
             half, wdt = (0.5 - _HALF_TOL, 0.5 + _HALF_TOL), torch.float64
@@ -163,10 +163,10 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
             v[i].copy_(flat[i][a:e])
         total.add_(v[:n].sum())
         rows = list(v[:n].unbind(0))
-        if plan is not None and plan[0] == "input":
+        if kind == "input":
             fo[a:e] = rows[plan[1]]
             continue
-        if plan is not None and plan[0] == "select":
+        if kind == "select":
             if counts is not None:
                 copies = iter(extra[:, : e - a].unbind(0))
                 rows = rows + [next(copies).copy_(rows[i]) for i, c in enumerate(counts) for _ in range(c - 1)]
@@ -175,9 +175,9 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
                 fo[a:e] = rows[mid[0]]  # an input's value: converted once
                 continue
         target = fo[a:e] if res is None else res[: e - a]  # sums and blends in the compute dtype
-        if plan is not None and plan[0] == "select":
+        if kind == "select":
             torch.add(rows[mid[0]], rows[mid[1]], out=target).div_(2)
-        elif plan is not None:  # "half": (x_k + clamp(x_k, min of the others, max of the others)) / 2
+        elif kind == "half":  # (x_k + clamp(x_k, min of the others, max of the others)) / 2
             k = plan[1]
             others = rows[:k] + rows[k + 1:]
             lo, hi = v[n], others[0]

@@ -137,10 +137,8 @@ def _karcher(grams: torch.Tensor, weights, *, tol: float = DEFAULTS["tol"],
     theta, _ = angles(b)
     theta = torch.where(excl, 0.0, theta)
     same = identical_units(g)
-    if int((w > 0).sum()) == 1:  # one model carries all the weight: that model, exactly
-        same = torch.ones_like(same)
-    coeffs = torch.where(same[:, None], one_hot_first(w, k), coeffs)
-    same = identical_units(g)
+    first = torch.ones_like(same) if int((w > 0).sum()) == 1 else same  # one model has all the weight
+    coeffs = torch.where(first[:, None], one_hot_first(w, k), coeffs)  # that model, exactly
     ill = ill & ~same
     record = {
         "iterations": iters,
