@@ -133,13 +133,14 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
                 signs[a:e].copy_(g.sign_().mul_(mag))
             else:
                 g.copy_(signs[a:e])
-            # keep τ where sgn τ = γ: τγ is |τ| there and <= 0 elsewhere (γ = 0 keeps nothing);
-            # multiplying by γ = ±1 again is exact. Float ops: bool masks are ~5x slower on CPU.
+            # u = max(τγ, 0) is |τ| where sgn τ = γ and 0 elsewhere (γ = 0 keeps nothing), and
+            # τ̃ = γu. Both passes work on u: γ = ±1 wherever u != 0, so the Gram of u (and of its
+            # pivoted differences) is that of τ̃, and Σ c_i τ̃_i = γ Σ c_i u_i, exactly (a sign
+            # flip commutes with rounding). Float ops: bool masks are ~5x slower on CPU.
             t.mul_(g).clamp_(min=0)
             if elect:
                 kept.add_(torch.gt(t, 0, out=positive[:, : e - a]).sum(1, dtype=count_dtype))
-            t.mul_(g)
-            yield a, e, t, bb
+            yield a, e, t, bb, g
 
     nchunks = max(1, -(-numel // chunk))
     parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
@@ -147,7 +148,7 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     def products(exp2: int = 0) -> torch.Tensor:
         if exp2:
             kept.zero_()
-        for j, (a, e, t, _) in enumerate(chunks(elect=True)):
+        for j, (a, e, t, _, _) in enumerate(chunks(elect=True)):
             if exp2:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
                 scale_pow2_(t, exp2)
             if n > 1:
@@ -175,8 +176,8 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     odt = out_dtype or cdt
     out = torch.empty(xs[0].shape, dtype=odt if odt in WRITABLE else cdt, device=dev)
     fo = out.view(-1)
-    for a, e, t, bb in chunks(elect=False):
-        torch.add(bb, cc @ t, out=fo[a:e])  # added in cdt, rounded to the output's dtype once
+    for a, e, u, bb, g in chunks(elect=False):
+        torch.addcmul(bb, g, cc @ u, out=fo[a:e])  # in cdt (γ·v exact), rounded to the output's dtype once
     out = out.to(odt)
     rec = sol.record
     return out, {
