@@ -58,6 +58,7 @@ from .errors import MergeInputError, model_name
 CPU_CHUNK = 1 << 18
 CUDA_CHUNK = 1 << 24
 SUB_BLOCK = 1024  # elements per product sub-block
+BAND = 4  # rows per batched matmul of the CPU products (block_products); bands of 3 were slower
 
 
 _tls = threading.local()
@@ -294,12 +295,21 @@ def rescale_exponent(tensors, force: bool = False) -> int:
 def block_products(b: torch.Tensor, out: torch.Tensor) -> None:
     """b b^T for the rows of one chunk into out (R, R), compute dtype: one batched matmul over
     sub-blocks of SUB_BLOCK elements, summed. Short accumulations keep fp32 sums to a few 1e-7
-    relative (one gemv or gemm over a 10^5-element chunk accumulates ~1e-6..1e-5 error)."""
+    relative (one gemv or gemm over a 10^5-element chunk accumulates ~1e-6..1e-5 error).
+    On CPU with more than BAND rows only the lower triangle is computed, BAND rows at a time, and
+    mirrored: the CPU batched matmul costs about its R·R entries, and the triangle has R(R+1)/2
+    (R = 11: 1.2 ms instead of 1.9 ms per 2^18-element chunk, one thread; R = 7: 0.50 vs 0.68)."""
     r, c = b.shape
     m = (c // SUB_BLOCK) * SUB_BLOCK
     if m:
         v = b[:, :m].view(r, m // SUB_BLOCK, SUB_BLOCK).transpose(0, 1)
-        torch.sum(torch.bmm(v, v.transpose(1, 2)), 0, out=out)
+        if r <= BAND or b.device.type != "cpu":  # on a GPU one launch beats fewer products
+            torch.sum(torch.bmm(v, v.transpose(1, 2)), 0, out=out)
+        else:
+            for a in range(0, r, BAND):
+                e = min(r, a + BAND)
+                torch.sum(torch.bmm(v[:, a:e], v[:, :e].transpose(1, 2)), 0, out=out[a:e, :e])
+            out.copy_(out.tril() + out.tril(-1).mT)
     else:
         out.zero_()
     if m < c:
