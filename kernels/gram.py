@@ -15,6 +15,7 @@ How it is computed (precision, then speed):
   ~(‖x‖/‖x_i - x_j‖)^2 of it). Identical inputs give b_i = 0 exactly, hence a d-block that is
   exactly zero (solvers use that to return the input bit-exactly).
 - Products of the differences: one batched matmul per chunk over sub-blocks of 1024 elements
+  (on CPU with more than 4 rows, the lower triangle in bands of 4 rows, mirrored: block_products)
   (fp32 accumulations stay short: a few 1e-7 relative error per sum, its rounding to fp32
   included, where one gemv/gemm over a 10^5-element chunk gives 1e-6..1e-5), summed per chunk,
   then over chunks in fp64. An entry of the [m, d] Gram adds up to four pivoted ones (‖m‖^2 for
