@@ -15,7 +15,7 @@ How it is computed (precision, then speed):
   ~(‖x‖/‖x_i - x_j‖)^2 of it). Identical inputs give b_i = 0 exactly, hence a d-block that is
   exactly zero (solvers use that to return the input bit-exactly).
 - Products of the differences: one batched matmul per chunk over sub-blocks of 1024 elements
-  (on CPU with more than 4 rows, the lower triangle in bands of 4 rows, mirrored: block_products)
+  (on CPU the lower triangle in bands of rows, mirrored: block_products)
   (fp32 accumulations stay short: a few 1e-7 relative error per sum, its rounding to fp32
   included, where one gemv/gemm over a 10^5-element chunk gives 1e-6..1e-5), summed per chunk,
   then over chunks in fp64. An entry of the [m, d] Gram adds up to four pivoted ones (‖m‖^2 for
@@ -59,7 +59,12 @@ from .errors import MergeInputError, model_name
 CPU_CHUNK = 1 << 18
 CUDA_CHUNK = 1 << 24
 SUB_BLOCK = 1024  # elements per product sub-block
-BAND = 4  # rows per batched matmul of the CPU products (block_products); bands of 3 were slower
+
+
+def cpu_band(r: int) -> int:
+    """Rows per batched matmul of block_products on CPU (measured; bands of 3 were slower): 4 rows
+    at once, fewer as single rows, more in bands of 4."""
+    return 4 if r >= 4 else 1
 
 
 _tls = threading.local()
@@ -297,18 +302,20 @@ def block_products(b: torch.Tensor, out: torch.Tensor) -> None:
     """b b^T for the rows of one chunk into out (R, R), compute dtype: one batched matmul over
     sub-blocks of SUB_BLOCK elements, summed. Short accumulations keep fp32 sums to a few 1e-7
     relative (one gemv or gemm over a 10^5-element chunk accumulates ~1e-6..1e-5 error).
-    On CPU with more than BAND rows only the lower triangle is computed, BAND rows at a time, and
-    mirrored: the CPU batched matmul costs about its R·R entries, and the triangle has R(R+1)/2
-    (R = 11: 1.2 ms instead of 1.9 ms per 2^18-element chunk, one thread; R = 7: 0.50 vs 0.68)."""
+    On CPU the batched matmul costs about its R·R entries (but 4 rows as little as 3), so there
+    only the lower triangle is computed, in bands of cpu_band(R) rows, and mirrored: per 2^18-element
+    chunk, one thread, R = 2: 68 instead of 80 us, R = 3: 132 vs 165, R = 7: 0.50 vs 0.68 ms,
+    R = 11: 1.2 vs 1.9 ms. On a GPU one launch beats fewer products."""
     r, c = b.shape
     m = (c // SUB_BLOCK) * SUB_BLOCK
     if m:
         v = b[:, :m].view(r, m // SUB_BLOCK, SUB_BLOCK).transpose(0, 1)
-        if r <= BAND or b.device.type != "cpu":  # on a GPU one launch beats fewer products
+        band = cpu_band(r) if b.device.type == "cpu" else r
+        if band >= r:
             torch.sum(torch.bmm(v, v.transpose(1, 2)), 0, out=out)
         else:
-            for a in range(0, r, BAND):
-                e = min(r, a + BAND)
+            for a in range(0, r, band):
+                e = min(r, a + band)
                 torch.sum(torch.bmm(v[:, a:e], v[:, :e].transpose(1, 2)), 0, out=out[a:e, :e])
             out.copy_(out.tril() + out.tril(-1).mT)
     else:

@@ -34,7 +34,7 @@ def test_chunking_does_not_change_it(chunk):
     assert torch.allclose(got, ref, rtol=1e-11, atol=1e-11 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("n", [3, 9])  # 9: the CPU products in bands of rows (gram.BAND)
+@pytest.mark.parametrize("n", [3, 9])  # the CPU products in bands of rows (gram.cpu_band): 1 row (3), 4 rows (9)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_low_precision_inputs_centred_accuracy(dtype, n):
     """Any float storage: the Gram of the stored values (upcast exactly) to fp32 accuracy, the
