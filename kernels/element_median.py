@@ -46,6 +46,9 @@ _HALF_TOL = 1e-12
 WRITABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # outputs written chunk by chunk
 MAX_SUBSET_INPUTS = 16  # integer_weights checks all 2^n subsets
 MAX_WIRES = 16  # weights as repeated inputs: at most this many in the median's network
+# input dtypes the selection network runs on without fp32 copies (CPU min/max as fast as fp32's;
+# bf16's ~1.4x slower, about what the copies cost)
+NATIVE = (torch.float16, torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,18 +84,38 @@ def selection_network(n: int, outputs: tuple[int, ...]) -> tuple[tuple[int, int,
     return tuple(reversed(steps))
 
 
-def _select(rows: list, spare: torch.Tensor, steps) -> None:
-    """Run comparator steps on the row views in place (rows are permuted, not copied)."""
-    for i, j, lo, hi in steps:
+def _select(rows: list, spare: torch.Tensor, steps, free: list | None = None, last=None) -> None:
+    """Run comparator steps on the row views in place (rows are permuted, not copied).
+    free: given when `rows` are the inputs' own (read-only) rows: a step then writes a wire's
+    first result into one of these buffer rows, which takes the wire's place (at most len(rows)
+    are taken). last: where the last step writes, for steps that select one output (its last
+    step takes only the min or the max, onto that output's wire)."""
+    owned = [free is None] * len(rows)
+
+    def target(k):  # where a result for wire k goes: the row itself if it is ours
+        return rows[k] if owned[k] else free.pop()
+
+    for s, (i, j, lo, hi) in enumerate(steps):
         a, b = rows[i], rows[j]
+        if last is not None and s == len(steps) - 1:
+            (torch.minimum if lo else torch.maximum)(a, b, out=last)
+            rows[i if lo else j] = last
+            break
         if lo and hi:
             torch.minimum(a, b, out=spare)
-            torch.maximum(a, b, out=b)
-            rows[i], spare = spare, a
+            dst = target(j)
+            torch.maximum(a, b, out=dst)
+            rows[j], owned[j] = dst, True
+            rows[i], spare = spare, (a if owned[i] else free.pop())
+            owned[i] = True
         elif lo:
-            torch.minimum(a, b, out=a)
+            dst = target(i)
+            torch.minimum(a, b, out=dst)
+            rows[i], owned[i] = dst, True
         else:
-            torch.maximum(a, b, out=b)
+            dst = target(j)
+            torch.maximum(a, b, out=dst)
+            rows[j], owned[j] = dst, True
 
 
 def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor | None = None, *,
@@ -141,11 +164,18 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
     total = torch.zeros((), dtype=cdt, device=dev)  # NaN/Inf anywhere makes it non-finite
     plan = ("select", _middle(n), None) if len(set(wl)) == 1 else weighted_plan(wl)
     kind = plan[0] if plan is not None else "weighted"
+    native = None
     if kind == "select":
         mid, counts = plan[1], plan[2]  # counts: wires per input (None: one each)
         steps = selection_network(n if counts is None else sum(counts), mid)
         if counts is not None:  # the first wire of an input is its row; the others copies of it
             extra = scratch("element_median.wires", (sum(counts) - n, chunk), cdt, dev)
+        elif len(mid) == 1 and xs[0].dtype in NATIVE and all(x.dtype == xs[0].dtype for x in xs):
+            # one of the values is the result, and min/max are exact in any dtype: the network
+            # reads the inputs themselves (no converted copies) into buffer rows of their dtype
+            native = scratch("element_median.native", (n + 1, chunk), xs[0].dtype, dev)
+            # the last comparator takes only the min or the max: it can write the result itself
+            last_writes = out.dtype == native.dtype and steps[-1][2] != steps[-1][3]
     elif kind == "weighted":
         steps = sorting_network(n)
         exact = integer_weights(wl)
@@ -158,6 +188,15 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
         wmasks = scratch("element_median.weight_masks", (3, chunk), wdt, dev)
     for a in range(0, numel, chunk):
         e = min(numel, a + chunk)
+        if native is not None:
+            rows = [x[a:e] for x in flat]
+            for r in rows:  # a chunk's fp16 sum can overflow: refuse_nonfinite then finds nothing
+                total.add_(r.sum())
+            v = native[:, : e - a]
+            _select(rows, v[n], steps, free=list(v[:n].unbind(0)), last=fo[a:e] if last_writes else None)
+            if not last_writes:
+                fo[a:e] = rows[mid[0]]
+            continue
         v = buf[:, : e - a]
         for i in range(n):
             v[i].copy_(flat[i][a:e])
