@@ -14,7 +14,9 @@ How: the N values of an element are sorted by a comparator network (Batcher's od
 sort; each comparator is an elementwise min and max of two rows of a chunk), not by torch.sort
 along a dimension of size N, which is ~40x slower for N = 3. Equal weights need only the middle
 one or two outputs: comparators that cannot reach them are dropped, and one that feeds only its
-min (or max) onward computes only that (N = 3: 4 elementwise ops). Unequal weights that decide
+min (or max) onward computes only that (N = 3: 4 elementwise ops); with one middle output and
+inputs of one dtype in NATIVE the network reads the inputs' own rows (min/max are exact in any
+dtype: no fp32 copies) and its last comparator writes the output. Unequal weights that decide
 every ordering alike (weighted_plan: one model outweighs the rest -> that model; every k models
 outweigh the rest and no k-1 do -> the k-th value, as for equal weights; one model weighs exactly
 1/2 -> the midpoint of it and itself clamped to the others' range) are computed that way; weights
