@@ -96,6 +96,7 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
     chunk = max(1, min(int(chunk_elems or default_chunk(dev)), max(numel, 1)))
     flat = [x.reshape(-1) for x in xs]
     fb = base.reshape(-1)
+    direct = all(x.dtype == cdt for x in flat) and fb.dtype == cdt
     buf = scratch("sign_elected", (n + 1, chunk), cdt, dev)
     mask = scratch("sign_elected.mask", (n, chunk), cdt, dev) if p > 0 else None
     wd = w.to(device=dev, dtype=cdt)
@@ -115,10 +116,15 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
         for a in range(0, numel, chunk):
             e = min(numel, a + chunk)
             t = buf[:n, : e - a]
-            bb = buf[n, : e - a].copy_(fb[a:e])
-            for i in range(n):
-                t[i].copy_(flat[i][a:e])
-            t.sub_(bb)
+            if direct:  # inputs in the compute dtype: differences straight from them
+                bb = fb[a:e]
+                for i in range(n):
+                    torch.sub(flat[i][a:e], bb, out=t[i])
+            else:
+                bb = buf[n, : e - a].copy_(fb[a:e])
+                for i in range(n):
+                    t[i].copy_(flat[i][a:e])
+                t.sub_(bb)
             if drop is not None:
                 t.mul_(drop.keep(a, e, mask[:, : e - a])).mul_(drop.scale)
             g = elected[: e - a]
