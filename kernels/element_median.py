@@ -14,9 +14,10 @@ How: the N values of an element are sorted by a comparator network (Batcher's od
 sort; each comparator is an elementwise min and max of two rows of a chunk), not by torch.sort
 along a dimension of size N, which is ~40x slower for N = 3. Equal weights need only the middle
 one or two outputs: comparators that cannot reach them are dropped, and one that feeds only its
-min (or max) onward computes only that (N = 3: 4 elementwise ops); with one middle output and
-inputs of one dtype in NATIVE the network reads the inputs' own rows (min/max are exact in any
-dtype: no fp32 copies) and its last comparator writes the output. Unequal weights that decide
+min (or max) onward computes only that (N = 3: 4 elementwise ops); for inputs of one dtype
+(NATIVE with one middle output, the compute dtype with two) the network reads the inputs' own
+rows (min/max are exact in any dtype: no copies) and a lone middle's last comparator writes the
+output. Unequal weights that decide
 every ordering alike (weighted_plan: one model outweighs the rest -> that model; every k models
 outweigh the rest and no k-1 do -> the k-th value, as for equal weights; one model weighs exactly
 1/2 -> the midpoint of it and itself clamped to the others' range) are computed that way; weights
@@ -172,12 +173,14 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
         steps = selection_network(n if counts is None else sum(counts), mid)
         if counts is not None:  # the first wire of an input is its row; the others copies of it
             extra = scratch("element_median.wires", (sum(counts) - n, chunk), cdt, dev)
-        elif len(mid) == 1 and xs[0].dtype in NATIVE and all(x.dtype == xs[0].dtype for x in xs):
-            # one of the values is the result, and min/max are exact in any dtype: the network
-            # reads the inputs themselves (no converted copies) into buffer rows of their dtype
+        elif all(x.dtype == xs[0].dtype for x in xs) and (
+                xs[0].dtype == cdt or (len(mid) == 1 and xs[0].dtype in NATIVE)):
+            # min/max are exact in any dtype: the network reads the inputs themselves (no copies)
+            # into buffer rows of their dtype; a midpoint of two values is summed in the compute
+            # dtype, so for an even count only inputs already in it
             native = scratch("element_median.native", (n + 1, chunk), xs[0].dtype, dev)
             # the last comparator takes only the min or the max: it can write the result itself
-            last_writes = out.dtype == native.dtype and steps[-1][2] != steps[-1][3]
+            last_writes = len(mid) == 1 and out.dtype == native.dtype and steps[-1][2] != steps[-1][3]
     elif kind == "weighted":
         steps = sorting_network(n)
         exact = integer_weights(wl)
@@ -196,7 +199,12 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
                 total.add_(r.sum())
             v = native[:, : e - a]
             _select(rows, v[n], steps, free=list(v[:n].unbind(0)), last=fo[a:e] if last_writes else None)
-            if not last_writes:
+            if len(mid) == 2:
+                target = fo[a:e] if res is None else res[: e - a]
+                torch.add(rows[mid[0]], rows[mid[1]], out=target).div_(2)
+                if res is not None:
+                    fo[a:e] = target
+            elif not last_writes:
                 fo[a:e] = rows[mid[0]]
             continue
         v = buf[:, : e - a]

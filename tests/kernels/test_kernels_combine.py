@@ -156,13 +156,14 @@ def test_weights_that_decide_every_ordering_alike_take_the_short_way(wt, plan):
         element_median(xs, w, key="k")
 
 
-@pytest.mark.parametrize("n", [3, 5, 7])
+@pytest.mark.parametrize("n", [3, 4, 5, 7])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_element_median_reads_inputs_in_their_dtype(n, dtype):
-    """An odd number of models of one dtype: the selection network reads the inputs themselves
-    (no fp32 copies) and, for an output in their dtype, its last comparator writes the result.
-    The sort definition to the bit, the inputs untouched, NaN/Inf refused by model, and a chunk
-    whose fp16 sum overflows is not taken for an Inf."""
+    """Models of one dtype (an odd number, or any number in the compute dtype): the selection
+    network reads the inputs themselves (no copies) and, for one middle value and an output in
+    their dtype, its last comparator writes the result. The sort definition to the bit, the inputs
+    untouched, NaN/Inf refused by model, and a chunk whose fp16 sum overflows is not taken for
+    an Inf."""
     g = torch.Generator().manual_seed(n)
     xs = [torch.randn(3001, generator=g).to(dtype) for _ in range(n)]
     xs[1][::3] = xs[0][::3]  # ties
@@ -173,8 +174,8 @@ def test_element_median_reads_inputs_in_their_dtype(n, dtype):
             out = element_median(xs, chunk_elems=chunk, out_dtype=odt)
             assert out.dtype == odt and torch.equal(out, want.to(odt)), (chunk, odt)
     assert all(torch.equal(a, b) for a, b in zip(xs, before))
-    big = [torch.full((3000,), 60000.0 - 32 * i, dtype=dtype) for i in range(n)]  # fp16 sums overflow
-    assert torch.equal(element_median(big, out_dtype=dtype), big[n // 2])
+    big = [torch.full((3000,), 60000.0 - 64 * i, dtype=dtype) for i in range(n)]  # fp16 sums overflow
+    assert torch.equal(element_median(big, out_dtype=dtype), ((big[(n - 1) // 2].double() + big[n // 2]) / 2).to(dtype))
     xs[n - 1][5] = float("inf")
     with pytest.raises(MergeInputError, match=f"key 'k': model_{n} contains Inf"):
         element_median(xs, out_dtype=dtype, key="k")
