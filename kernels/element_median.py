@@ -167,7 +167,7 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
     total = torch.zeros((), dtype=cdt, device=dev)  # NaN/Inf anywhere makes it non-finite
     plan = ("select", _middle(n), None) if len(set(wl)) == 1 else weighted_plan(wl)
     kind = plan[0] if plan is not None else "weighted"
-    native = None
+    native, last_writes = None, False
     if kind == "select":
         mid, counts = plan[1], plan[2]  # counts: wires per input (None: one each)
         steps = selection_network(n if counts is None else sum(counts), mid)
@@ -193,25 +193,18 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
         wmasks = scratch("element_median.weight_masks", (3, chunk), wdt, dev)
     for a in range(0, numel, chunk):
         e = min(numel, a + chunk)
-        if native is not None:
+        if native is not None:  # the inputs' own rows; the network writes into v
             rows = [x[a:e] for x in flat]
             for r in rows:  # a chunk's fp16 sum can overflow: refuse_nonfinite then finds nothing
                 total.add_(r.sum())
             v = native[:, : e - a]
-            _select(rows, v[n], steps, free=list(v[:n].unbind(0)), last=fo[a:e] if last_writes else None)
-            if len(mid) == 2:
-                target = fo[a:e] if res is None else res[: e - a]
-                torch.add(rows[mid[0]], rows[mid[1]], out=target).div_(2)
-                if res is not None:
-                    fo[a:e] = target
-            elif not last_writes:
-                fo[a:e] = rows[mid[0]]
-            continue
-        v = buf[:, : e - a]
-        for i in range(n):
-            v[i].copy_(flat[i][a:e])
-        total.add_(v[:n].sum())
-        rows = list(v[:n].unbind(0))
+            free = list(v[:n].unbind(0))
+        else:
+            v = buf[:, : e - a]
+            for i in range(n):
+                v[i].copy_(flat[i][a:e])
+            total.add_(v[:n].sum())
+            rows, free = list(v[:n].unbind(0)), None
         if kind == "input":
             fo[a:e] = rows[plan[1]]
             continue
@@ -219,9 +212,10 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
             if counts is not None:
                 copies = iter(extra[:, : e - a].unbind(0))
                 rows = rows + [next(copies).copy_(rows[i]) for i, c in enumerate(counts) for _ in range(c - 1)]
-            _select(rows, v[n], steps)
+            _select(rows, v[n], steps, free=free, last=fo[a:e] if last_writes else None)
             if len(mid) == 1:
-                fo[a:e] = rows[mid[0]]  # an input's value: converted once
+                if not last_writes:
+                    fo[a:e] = rows[mid[0]]  # an input's value: converted once
                 continue
         target = fo[a:e] if res is None else res[: e - a]  # sums and blends in the compute dtype
         if kind == "select":
