@@ -107,6 +107,24 @@ def test_memory_is_chunked():
     assert _scaled_err(got, ref) < 2e-6
 
 
+@pytest.mark.parametrize("n,with_base", [(3, False), (3, True), (4, False), (5, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_default_chunks_accuracy(n, with_base, dtype):
+    """A key over several default CPU chunks (2^19 elements up to 4 rows, 2^18 above: gram_chunk,
+    512 or 256 sub-block products summed per chunk) keeps fp32 accuracy on nearly identical models."""
+    from kernels.gram import gram_chunk
+
+    numel = 3 * (1 << 19) + 4099
+    xs, base = _models(n, shape=(numel,), spread=0.01, seed=n, dtype=dtype)
+    b = base.to(dtype) if with_base else None
+    assert gram_chunk("cpu", n + with_base) == (1 << 19 if n + with_base <= 4 else 1 << 18)
+    got = gram_matrix(xs, b)
+    ref = direct_gram(xs, b)
+    assert _scaled_err(got, ref) < 2e-6
+    cref, cgot = ref[1:, 1:], got[1:, 1:]
+    assert float((cgot - cref).abs().max() / cref.abs().max()) < 2e-6
+
+
 def test_centred_only_gram():
     """full=False: the centred block only (geometric median, distances); Karcher refuses it."""
     from kernels import MergeInputError, solve
