@@ -255,6 +255,23 @@ def test_sign_elected_drop_is_seeded_and_independent_of_the_chunking():
     assert abs(float((e - base).mean()) / float((n - base).mean()) - 1) < 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sign_elected_kept_masks_equal_hashing_again(monkeypatch, dtype):
+    """The combine reuses the Gram pass's drop masks (keys up to KEPT_MASK_BYTES) or hashes again
+    (larger keys): the same bits, with chunks that do not divide the key, and a base of another dtype."""
+    import kernels.sign_elected as se
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 7001, generator=g)
+    xs = [(base + 0.05 * torch.randn(3, 7001, generator=g)).to(dtype) for _ in range(4)]
+    kw = dict(drop_rate=0.4, seed=9, key="k", chunk_elems=4096, out_dtype=dtype)
+    kept, rk = se.sign_elected_median(xs, base, [1, 2, 1, 1], **kw)
+    monkeypatch.setattr(se, "KEPT_MASK_BYTES", 0)
+    again, ra = se.sign_elected_median(xs, base, [1, 2, 1, 1], **kw)
+    assert torch.equal(kept, again) and rk == ra
+    assert not torch.equal(kept, se.sign_elected_median(xs, base, [1, 2, 1, 1], **{**kw, "seed": 10})[0])
+
+
 def test_sign_elected_identical_inputs_and_dropout_free_defaults():
     x = torch.randn(100)
     base = torch.randn(100)
