@@ -23,8 +23,7 @@ How it is computed (precision, then speed):
   diagonal (fp64 reference, 2026-11-23). The pivot row <b_0, b_i>
   (only needed for norms: Karcher) likewise; full=False skips it (geometric median, distances).
   Chunks of 2^18 elements on CPU, 2^19 for up to 4 rows (gram_chunk); on CUDA 2^24 (fewer
-  launches). Peak extra memory: N+1
-  rows of one chunk in the compute dtype.
+  launches). Peak extra memory: N+1 rows of one chunk in the compute dtype.
 - Fused CPU kernels (opt-in, BARYCENTER_CPU_KERNELS=fused, fused.py): for 2-4 inputs of one
   dtype the same products come from one compiled loop per key (no fp32 copies, one read of each
   input); the remainder after the last whole sub-block and every other case use the chunks above.
