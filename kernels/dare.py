@@ -80,7 +80,7 @@ def lowbias32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
 
 class DropMask:
     """Keep masks for n inputs of one key: keep(a, e, out) writes 1.0 where entries a..e-1 are kept
-    and 0.0 where dropped, for every input at once (out: (n, e - a), float)."""
+    and 0.0 where dropped, for every input at once (out: (n, e - a), float or uint8)."""
 
     def __init__(self, p: float, key_seed: int, n: int, numel: int, device):
         if numel > MAX_ELEMENTS:
