@@ -215,8 +215,11 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     # run on cpu_workers() Python threads instead (kernels/gram_pass.py)
     with fused_kernels.loop_threads(torch.get_num_threads()), intra_op_threads(1 if dev.type == "cpu" else None):
         try:
+            inputs = sources + ([base] if base is not None else [])
             for j, xs, b in _read_keys(sources, base, keys, dev, move):
-                grams.add(j, xs, b, keys[j])
+                # the models' own tensors (no LoRA, no conversion): nothing held, may run ahead
+                held = any(x is not s.stored(keys[j]) for x, s in zip(xs + [b], inputs))
+                grams.add(j, xs, b, keys[j], held=held)
                 progress(j + 1)  # may raise: ComfyUI's Cancel
             return grams.result()
         finally:

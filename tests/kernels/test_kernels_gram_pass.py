@@ -23,10 +23,10 @@ def _keys(n_models, dtype, seed=0, base=False):
     return keys
 
 
-def _pass(keys, full, workers=1):
+def _pass(keys, full, workers=1, held=True):
     gp = GramPass(len(keys), full=full, workers=workers)
     for j, (xs, b) in enumerate(keys):
-        gp.add(j, xs, b, f"k{j}")
+        gp.add(j, xs, b, f"k{j}", held=held)
     return gp.result()
 
 
@@ -144,6 +144,40 @@ def test_threads_raise_the_same_error_as_one_thread():
             _pass(keys, True, workers=workers)
         messages.append(str(e.value))
     assert messages[0] == messages[1]
+
+
+def test_threads_running_ahead_give_the_same_grams_and_first_error():
+    """Items that hold no copies (held=False) run up to RUN_AHEAD·workers ahead and finish out of
+    order; the Grams and the first error (in key order) are still those of one thread."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [SMALL_KEY + 1 + 997 * (i % 7) for i in range(70)]  # one item per key, uneven
+    sizes[40] = 1 << 22  # finishes well after the keys behind it
+    keys = [([torch.randn(s, generator=g) for _ in range(3)], None) for s in sizes]
+    with intra_op_threads(1):
+        want = _pass(keys, False, workers=1)
+        for workers in (2, 3):
+            assert torch.equal(_pass(keys, False, workers=workers, held=False), want)
+    for j in (40, 43):
+        keys[j][0][1] = keys[j][0][1].clone()
+        keys[j][0][1][7] = float("nan")
+    for workers in (1, 3):
+        with pytest.raises(MergeInputError, match="key 'k40': model_2 contains NaN"):
+            _pass(keys, True, workers=workers, held=False)
+
+
+def test_worker_threads_close_cancels_items_not_started():
+    import threading
+
+    from kernels.threads import WorkerThreads
+
+    pool = WorkerThreads(1)
+    release, ran = threading.Event(), []
+    running = pool.submit(lambda _: release.wait(5), None)
+    queued = [pool.submit(ran.append, i) for i in range(5)]
+    threading.Timer(0.2, release.set).start()
+    pool.close()  # cancels the queued items at once, then waits for the running one
+    assert running.done and not running.cancelled
+    assert ran == [] and all(it.done and it.cancelled for it in queued)
 
 
 def _pass_rereading(keys, full, workers=1, deferred=None):
