@@ -171,9 +171,10 @@ def test_worker_threads_close_cancels_items_not_started():
     from kernels.threads import WorkerThreads
 
     pool = WorkerThreads(1)
-    release, ran = threading.Event(), []
-    running = pool.submit(lambda _: release.wait(5), None)
+    started, release, ran = threading.Event(), threading.Event(), []
+    running = pool.submit(lambda _: (started.set(), release.wait(5)), None)
     queued = [pool.submit(ran.append, i) for i in range(5)]
+    assert started.wait(5)  # the worker holds `running`: close() must not cancel it
     threading.Timer(0.2, release.set).start()
     pool.close()  # cancels the queued items at once, then waits for the running one
     assert running.done and not running.cancelled
