@@ -180,12 +180,14 @@ def _units(keys: list[str], scope: str):
 
 
 def _read_all(sources, base, key, dev, move=None):
-    return next(_read_keys(sources, base, [key], dev, move))[1:]
+    return next(_read_keys(sources, base, [key], dev, move))[1:3]
 
 
 def _read_keys(sources, base, keys, dev, move=None):
-    """(j, xs, base) for each key in order: the effective weights on `dev`; onto a GPU the stored
-    tensors of consecutive keys travel together through the pinned ring (staging.moved_groups)."""
+    """(j, xs, base, held) for each key in order: the effective weights on `dev`; onto a GPU the
+    stored tensors of consecutive keys travel together through the pinned ring
+    (staging.moved_groups). held: some of them are copies made here (a LoRA, a conversion, a move),
+    not the models' own tensors."""
     inputs = sources + ([base] if base is not None else [])
     n = len(sources)
     if move is None:
@@ -194,7 +196,8 @@ def _read_keys(sources, base, keys, dev, move=None):
         groups = staging.moved_groups([[s.stored(k) for s in inputs] for k in keys], move)
     for j, moved in groups:
         xs = [s.read(keys[j], dev, m) for s, m in zip(inputs, moved)]
-        yield j, xs[:n], xs[n] if base is not None else None
+        held = any(x is not s.stored(keys[j]) for x, s in zip(xs, inputs))
+        yield j, xs[:n], xs[n] if base is not None else None, held
 
 
 def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
@@ -215,11 +218,8 @@ def _gram_pass(sources, base, keys, dev, full: bool = True) -> torch.Tensor:
     # run on cpu_workers() Python threads instead (kernels/gram_pass.py)
     with fused_kernels.loop_threads(torch.get_num_threads()), intra_op_threads(1 if dev.type == "cpu" else None):
         try:
-            inputs = sources + ([base] if base is not None else [])
-            for j, xs, b in _read_keys(sources, base, keys, dev, move):
-                # the models' own tensors (no LoRA, no conversion): nothing held, may run ahead
-                held = any(x is not s.stored(keys[j]) for x, s in zip(xs + [b], inputs))
-                grams.add(j, xs, b, keys[j], held=held)
+            for j, xs, b, held in _read_keys(sources, base, keys, dev, move):
+                grams.add(j, xs, b, keys[j], held=held)  # not held: may run ahead
                 progress(j + 1)  # may raise: ComfyUI's Cancel
             return grams.result()
         finally:
@@ -282,7 +282,7 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
     patches = {}
     move = staging.mover(dev)
     w_dev = w.to(dev)
-    for j, xs, b in _read_keys(sources, base, keys, dev, move):
+    for j, xs, b, _ in _read_keys(sources, base, keys, dev, move):
         key = keys[j]
         dtype = sources[0].stored(key).dtype
         result, record = info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key,

@@ -57,9 +57,8 @@ class GramPass:
     at a barrier. At most 2·workers items holding copies (add's `held`: the inputs they read stay
     referenced until done) are in flight; items that only reference the models' own tensors run up
     to RUN_AHEAD·workers ahead, and the caller then waits until WAKE_AT·workers are left: one wake
-    for many items (a wake per item, as for held ones, switches a core away from a worker: on 2
-    cores the pass over the tiny test models took 39 instead of 35 ms, the geometric-median node
-    at SD1.5 shapes 0.51-0.53 instead of 0.47 s). close() (or result()) ends the threads."""
+    for many items (each wake takes a core from a worker: waking per item made the pass ~12%
+    slower on 2 cores). close() (or result()) ends the threads."""
 
     def __init__(self, n_keys: int, *, full: bool = True, workers: int = 1, reread=None,
                  deferred: bool | None = None):
@@ -119,8 +118,7 @@ class GramPass:
         try:
             self.flush()
             while self._inflight:
-                self._pool.wait_for(self._inflight[0])
-                self._inflight.popleft().result()
+                self._wait(self._inflight[0])
             if self._betas:
                 self._finish_deferred()
             return torch.stack(self.grams)
@@ -136,21 +134,23 @@ class GramPass:
         if self._pool is None:
             fn(items)
             return
-        q, pool = self._inflight, self._pool
+        q = self._inflight
         self._collect()
         while held:  # copies in flight: wait for the oldest until fewer than 2·workers remain
             waiting = [it for it in q if it.held and not it.done]
             if len(waiting) < 2 * self._workers:
                 break
-            pool.wait_for(waiting[0])
-            self._collect()
+            self._wait(waiting[0])
         if len(q) >= RUN_AHEAD * self._workers:
-            pool.wait_for(q[len(q) - WAKE_AT * self._workers - 1])
-            self._collect()
+            self._wait(q[len(q) - WAKE_AT * self._workers - 1])
             while len(q) >= RUN_AHEAD * self._workers:  # an older item still running
-                pool.wait_for(q[0])
-                self._collect()
-        q.append(pool.submit(fn, items, held))
+                self._wait(q[0])
+        q.append(self._pool.submit(fn, items, held))
+
+    def _wait(self, item) -> None:
+        """Sleep until `item` is done, then collect."""
+        self._pool.wait_for(item)
+        self._collect()
 
     def _collect(self) -> None:
         """Take the finished items off the front, oldest first: errors raise in key order."""
