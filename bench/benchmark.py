@@ -10,8 +10,9 @@ Sections (rows of the one table):
   Every method runs per scope: the Gram pass + solve is what a merge node does (a linear result goes to ComfyUI as patches);
   "+ combine" also writes the merged fp16 tensors. Element and sign-elected medians are tensor
   methods (they always write the tensors): the element median with equal weights and with weights
-  1,2,3 (different code paths), the sign-elected one with and without a DARE drop. Peak RAM =
-  extra RSS while the step runs.
+  1,2,3 (different code paths), the sign-elected one with and without a DARE drop, as the engine
+  runs it (SignElectedGroup: the Grams of consecutive keys solved together) and, without a drop,
+  one key at a time (a solve per key, as before 2026-11-24). Peak RAM = extra RSS while the step runs.
 - peers, on every 50th key (same tensors, equal weights): sd-mecha 1.1.8's geometric_median (in
   process) and mergekit 0.1.5's karcher (its own venv, .venv-peers), fp16 inputs, against ours.
 - ComfyUI end to end (the PyPI snapshot, or COMFYUI_DIR): POST /prompt -> the KSampler's first
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels.sign_elected import GROUP_ELEMS, SignElectedGroup  # noqa: E402
 from kernels.threads import intra_op_threads  # noqa: E402
 from bench import bench_host, bench_kernels, bench_memory  # noqa: E402
 from bench._shapes import checksum, synthetic_models, unet_shapes  # noqa: E402
@@ -154,10 +156,12 @@ def kernel_section(table, fraction, rounds, device="cpu"):
             sync()
         return run
 
-    def sign_elected(drop_rate=0.0):
-        def run():
+    def sign_elected(drop_rate=0.0, one_key_at_a_time=False):
+        def run():  # as the engine: keys into a SignElectedGroup (their Grams solved a batch at a time)
+            group = SignElectedGroup(3, drop_rate=drop_rate, budget=0 if one_key_at_a_time else GROUP_ELEMS)
             for j, xs in enumerate(keys):
-                kernels.sign_elected_median(xs, bases[j], key=names[j], drop_rate=drop_rate, out_dtype=xs[0].dtype)
+                group.add(xs, bases[j], key=names[j], out_dtype=xs[0].dtype)
+            group.finish()
             sync()
         return run
 
@@ -172,6 +176,7 @@ def kernel_section(table, fraction, rounds, device="cpu"):
     steps += [("element median (GM element scope)", element()),
               ("element median, weights 1,2,3", element(kernels.parse_weights("1,2,3", 3))),
               ("sign-elected median (base, drop 0)", sign_elected()),
+              ("sign-elected median (base, drop 0), one key at a time", sign_elected(one_key_at_a_time=True)),
               ("sign-elected median (base, drop 0.3)", sign_elected(0.3))]
     with intra_op_threads(1 if dev.type == "cpu" else None):
         fused_why = bench_kernels.fused_available(keys) if dev.type == "cpu" else "CPU only"

@@ -275,21 +275,33 @@ def _unit_report(names, coeffs, record) -> list[dict]:
 
 
 def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, dev) -> list[dict]:
-    """Per-key tensor results (element / sign-elected median) as set-patches."""
+    """Per-key tensor results (element / sign-elected median) as set-patches. A method with a
+    tensor_group takes the keys into it, and it hands them back finished a batch at a time."""
     progress = host_api.Progress(len(keys))
     out_device = torch.device("cpu")
     units = []
     patches = {}
     move = staging.mover(dev)
     w_dev = w.to(dev)
+    group = info.tensor_group(len(sources), w, strength=strength, **params) if info.tensor_group else None
+
+    def keep(done):
+        for key, result, record in done:
+            dtype = sources[0].stored(key).dtype
+            patches[key] = (result.to(dtype=dtype).to(out_device),)  # the dtype already: no copy on CPU
+            units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
+
     for j, xs, b, _ in _read_keys(sources, base, keys, dev, move):
         key = keys[j]
         dtype = sources[0].stored(key).dtype
-        result, record = info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key,
-                                            out_dtype=dtype, **params)
-        patches[key] = (result.to(dtype=dtype).to(out_device),)  # the dtype already: no copy on CPU
-        units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
-        progress(j + 1)
+        if group is None:
+            keep([(key, *info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key,
+                                            out_dtype=dtype, **params))])
+        else:
+            keep(group.add(xs, b, key=key, out_dtype=dtype))
+        progress(j + 1)  # may raise: ComfyUI's Cancel
+    if group is not None:
+        keep(group.finish())
     merged.add_patches(patches, 1.0, 0.0)
     return units
 

@@ -33,6 +33,8 @@ class MethodInfo:
     scopes: tuple[str, ...]
     solver: Callable | None = None    # (grams, weights, **params) -> Solution
     merge_tensors: Callable | None = None
+    # keys added one by one, finished together (their Grams solved in one batch): SignElectedGroup
+    tensor_group: Callable | None = None
     defaults: dict = field(default_factory=dict)
     needs_base: bool = False
     needs_gram: bool = True
@@ -64,7 +66,7 @@ REGISTRY: dict[str, MethodInfo] = {
         "element_median", False, ("element", "tensor"), merge_tensors=_element_merge,
         needs_gram=False, doc=_em.__doc__),
     "sign_elected_median": MethodInfo(
-        "sign_elected_median", False, ("tensor",), merge_tensors=_sign_merge,
+        "sign_elected_median", False, ("tensor",), merge_tensors=_sign_merge, tensor_group=_se.SignElectedGroup,
         defaults=dict(_se.DEFAULTS), needs_base=True, needs_gram=False, doc=_se.__doc__),
 }
 

@@ -27,6 +27,11 @@ private. The masks are the same on CPU and CUDA and for any chunk size, so a mer
 differs between devices only by rounding. (Before 2026-11-23 they came from a torch.Generator on
 the compute device, whose stream differed between CPU and CUDA.)
 Identical inputs with drop_rate 0 return the input (strength 1) bit-exactly.
+The engine merges a model's keys through a SignElectedGroup: each key's election and Gram pass
+as it is read, the Grams of consecutive keys (up to GROUP_ELEMS entries) solved in one batch on
+the CPU, then each combined. The same bits as one key at a time (SD1.5 shapes, 3 fp16 models);
+686 single-key solves cost ~2 s of CPU time there, and on a GPU each would run its steps as
+kernel launches.
 References: P. Yadav et al., "TIES-Merging", NeurIPS 2023; L. Yu et al., "Language models are
 Super Mario" (DARE), ICML 2024; Vardi & Zhang, PNAS 2000.
 """
@@ -51,6 +56,7 @@ DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
 TIE = 2.0 ** -18  # relative: above the fp32 election sum's rounding for up to 12 inputs (~13·2^-24)
 DROP_CPU_CHUNK = 1 << 16  # with a drop, the hash's int32 rows of a chunk then stay in L2 (~15% faster)
 KEPT_MASK_BYTES = 1 << 27  # drop masks up to this size (a byte per entry and input) are kept for the combine
+GROUP_ELEMS = 1 << 24  # entries of the keys a SignElectedGroup solves together (a larger key: alone)
 
 
 def key_seed(seed: int, key: str) -> int:
@@ -65,68 +71,142 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
                         out_dtype: torch.dtype | None = None):
     """-> (result tensor on xs[0].device, record dict of plain values). The result is computed in
     fp32 (fp64 for fp64 inputs) and returned in out_dtype (default that compute dtype), rounded
-    once as it is written."""
-    if base is None:
-        raise MergeInputError("sign_elected_median needs a base model (it elects signs of x_i - base)")
-    n = len(xs)
-    if n == 0:
-        raise MergeInputError("sign_elected_median: no input tensors")
-    p = float(drop_rate)
-    if not (0.0 <= p < 1.0):
-        raise MergeInputError(f"drop_rate must be in [0, 1); got {drop_rate}")
-    try:
-        ok = not isinstance(seed, bool) and float(seed) == int(seed)
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise MergeInputError(f"seed must be a whole number; got {seed!r}")
-    prm = check_params("sign_elected_median", {"tol": tol, "max_iter": max_iter, "eps": eps})
-    lam = float(strength)
-    if not math.isfinite(lam):
-        raise MergeInputError(f"strength must be finite; got {strength}")
-    w = check_weights(weights if weights is not None else torch.ones(n), n)
-    dev = xs[0].device
-    cdt = compute_dtype(*xs, base)
-    if p == 0.0 and same_tensors(list(xs)):
-        locate_nonfinite(xs, base, key or "tensor")  # no Gram here to show a NaN
-        x = xs[0].to(dtype=cdt, copy=True)
-        out = x if lam == 1.0 else base.to(cdt) + lam * (x - base.to(cdt))
-        return out.to(out_dtype or cdt), {"coefficients": w.tolist(), "identical": True, "iterations": 0,
-                                          "converged": True}
+    once as it is written. One key: a SignElectedGroup of one."""
+    group = SignElectedGroup(len(xs), weights, strength=strength, drop_rate=drop_rate, seed=seed, tol=tol,
+                             max_iter=max_iter, eps=eps, chunk_elems=chunk_elems, budget=0)
+    group.add(xs, base, key=key, out_dtype=out_dtype)
+    return group.finish()[0][1:]
 
-    numel = xs[0].numel()
-    if not chunk_elems and p > 0 and dev.type == "cpu":
-        chunk_elems = DROP_CPU_CHUNK
-    chunk = max(1, min(int(chunk_elems or default_chunk(dev)), max(numel, 1)))
-    flat = [x.reshape(-1) for x in xs]
-    fb = base.reshape(-1)
-    direct = all(x.dtype == cdt for x in flat) and fb.dtype == cdt
-    buf = scratch("sign_elected", (n + 1, chunk), cdt, dev)
-    wd = w.to(device=dev, dtype=cdt)
-    drop = DropMask(p, key_seed(int(seed), key), n, numel, dev) if p > 0 else None
-    kept = torch.zeros(n, dtype=torch.float64, device=dev)
 
-    elected = scratch("sign_elected.elected", (chunk,), cdt, dev)
-    magnitude = scratch("sign_elected.magnitude", (chunk,), cdt, dev)
-    tie_row = scratch("sign_elected.tie", (chunk,), cdt, dev)
-    positive = scratch("sign_elected.positive", (n, chunk), cdt, dev)
-    # counts of ones summed in fp32 are exact up to 2^24 (and 2.3x faster than converting to fp64)
-    count_dtype = None if chunk <= 1 << 24 else torch.float64
+class SignElectedGroup:
+    """Keys of one merge, added one after another (each: the sign election and the Gram pass),
+    then finished together: their Grams solved in one batch on the CPU (a solve is hundreds of
+    tiny steps, as many for K keys as for one: 686 single-key solves took ~1 s of an SD1.5 merge
+    on CPU, and on a GPU every step would be launches), then each key combined. While pending a
+    key holds its inputs, its elected signs (one byte per entry, in a shared buffer: one group at
+    a time per thread) and its drop masks (n bytes per entry, in a buffer of the group, reused
+    for the next keys instead of a fresh allocation per key). The pending keys hold at most
+    `budget` entries, or one key that is larger."""
 
-    signs = scratch("sign_elected.signs", (numel,), torch.int8, dev)  # γ of the Gram pass, for the combine
-    # the Gram pass's drop masks, for the combine: one byte per entry and input instead of hashing
-    # again (the hash is ~14 int32 ops per entry and input); very large keys hash twice instead
-    # (a buffer of this call, not a scratch: it would stay allocated in the thread after the merge)
-    kept_masks = (torch.empty(n, numel, dtype=torch.uint8, device=dev)
-                  if drop is not None and n * numel <= KEPT_MASK_BYTES else None)
-    # the hash's rows when it runs in both passes (the kept masks take them otherwise)
-    mask = scratch("sign_elected.mask", (n, chunk), cdt, dev) if drop is not None and kept_masks is None else None
+    def __init__(self, n: int, weights=None, *, strength: float = 1.0, drop_rate: float = 0.0, seed: int = 0,
+                 tol: float = gm.DEFAULTS["tol"], max_iter: int = gm.DEFAULTS["max_iter"],
+                 eps: float = gm.DEFAULTS["eps"], chunk_elems: int | None = None, budget: int = GROUP_ELEMS):
+        if n == 0:
+            raise MergeInputError("sign_elected_median: no input tensors")
+        p = float(drop_rate)
+        if not (0.0 <= p < 1.0):
+            raise MergeInputError(f"drop_rate must be in [0, 1); got {drop_rate}")
+        try:
+            ok = not isinstance(seed, bool) and float(seed) == int(seed)
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise MergeInputError(f"seed must be a whole number; got {seed!r}")
+        self.prm = check_params("sign_elected_median", {"tol": tol, "max_iter": max_iter, "eps": eps})
+        self.lam = float(strength)
+        if not math.isfinite(self.lam):
+            raise MergeInputError(f"strength must be finite; got {strength}")
+        self.n, self.p, self.seed = n, p, int(seed)
+        self.w = check_weights(weights if weights is not None else torch.ones(n), n)
+        self.chunk_elems, self.budget = chunk_elems, int(budget)
+        self.pending: list[_Key] = []
+        self.used = 0       # entries of the pending keys (their signs' offset in the buffer)
+        self.capacity = 0   # entries the signs buffer holds for this batch of keys
+        self.drop_masks = None  # (n * entries,) uint8: the pending keys' drop masks
 
-    def chunks(elect: bool):
-        for a in range(0, numel, chunk):
-            e = min(numel, a + chunk)
+    def add(self, xs: Sequence[torch.Tensor], base: torch.Tensor, *, key: str = "",
+            out_dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor, dict]]:
+        """Take a key: its sign election and Gram pass now. -> the pending keys finished to make
+        room for it (see finish), usually none."""
+        if base is None:
+            raise MergeInputError("sign_elected_median needs a base model (it elects signs of x_i - base)")
+        if len(xs) != self.n:
+            raise MergeInputError(f"sign_elected_median: {len(xs)} input tensors, the group has {self.n}")
+        numel = xs[0].numel()
+        done = self.finish() if self.pending and self.used + numel > self.budget else []
+        dev = xs[0].device
+        if not self.pending:
+            self.capacity = max(self.budget, numel)
+        start, self.used = self.used, self.used + numel
+        signs = scratch("sign_elected.signs", (self.capacity,), torch.int8, dev)[start: start + numel]
+        kept_masks = None
+        if self.p > 0 and self.n * numel <= KEPT_MASK_BYTES:
+            size = self.n * self.capacity
+            if self.drop_masks is None or self.drop_masks.numel() < size or self.drop_masks.device != dev:  # only at a first key
+                self.drop_masks = torch.empty(size, dtype=torch.uint8, device=dev)
+            kept_masks = self.drop_masks[self.n * start: self.n * (start + numel)].view(self.n, numel)
+        self.pending.append(_Key(self, xs, base, key, out_dtype, signs, kept_masks))
+        return done
+
+    def finish(self) -> list[tuple[str, torch.Tensor, dict]]:
+        """(key, result, record) of every pending key, in the order added; the group is then empty."""
+        keys, self.pending, self.used = self.pending, [], 0
+        solved = [k for k in keys if k.gram is not None]
+        if solved:
+            sol = gm.solve_geometric_median(torch.stack([k.gram for k in solved]), self.w, **self.prm)
+            coeffs = sol.coeffs.tolist()
+            rec = {f: sol.record[f].tolist() for f in ("iterations", "converged", "objective")}
+        out, i = [], 0
+        for k in keys:
+            if k.gram is None:
+                out.append((k.key, *k.result))
+                continue
+            out.append((k.key, *k.combine(coeffs[i], {f: v[i] for f, v in rec.items()})))
+            i += 1
+        return out
+
+
+class _Key:
+    """One key of a SignElectedGroup: the Gram pass when made (gram: (N+1, N+1) fp64 on the CPU),
+    the combine when its coefficients are known. Its chunks are regenerated identically in both."""
+
+    def __init__(self, group: SignElectedGroup, xs, base, key, out_dtype, signs, kept_masks):
+        n, w = group.n, group.w
+        self.key, self.lam, self.out_dtype = key, group.lam, out_dtype
+        self.xs, self.base = xs, base
+        self.gram = None
+        dev = xs[0].device
+        cdt = self.cdt = compute_dtype(*xs, base)
+        if group.p == 0.0 and same_tensors(list(xs)):
+            locate_nonfinite(xs, base, key or "tensor")  # no Gram here to show a NaN
+            x = xs[0].to(dtype=cdt, copy=True)
+            out = x if self.lam == 1.0 else base.to(cdt) + self.lam * (x - base.to(cdt))
+            self.result = (out.to(out_dtype or cdt), {"coefficients": w.tolist(), "identical": True,
+                                                      "iterations": 0, "converged": True})
+            return
+        numel = self.numel = xs[0].numel()
+        chunk_elems = group.chunk_elems
+        if not chunk_elems and group.p > 0 and dev.type == "cpu":
+            chunk_elems = DROP_CPU_CHUNK
+        self.chunk = max(1, min(int(chunk_elems or default_chunk(dev)), max(numel, 1)))
+        self.flat = [x.reshape(-1) for x in xs]
+        self.fb = base.reshape(-1)
+        self.direct = all(x.dtype == cdt for x in self.flat) and self.fb.dtype == cdt
+        self.wd = w.to(device=dev, dtype=cdt)
+        self.drop = DropMask(group.p, key_seed(group.seed, key), n, numel, dev) if group.p > 0 else None
+        self.signs = signs  # γ of the Gram pass, for the combine
+        # the Gram pass's drop masks, for the combine: one byte per entry and input instead of
+        # hashing again (the hash is ~14 int32 ops per entry and input); very large keys hash twice
+        self.kept_masks = kept_masks
+        self.kept_count = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.gram = self._gram()
+
+    def _chunks(self, elect: bool):
+        n, chunk, cdt, dev = len(self.flat), self.chunk, self.cdt, self.flat[0].device
+        flat, fb, drop, signs, kept_masks = self.flat, self.fb, self.drop, self.signs, self.kept_masks
+        buf = scratch("sign_elected", (n + 1, chunk), cdt, dev)
+        elected = scratch("sign_elected.elected", (chunk,), cdt, dev)
+        magnitude = scratch("sign_elected.magnitude", (chunk,), cdt, dev)
+        tie_row = scratch("sign_elected.tie", (chunk,), cdt, dev)
+        positive = scratch("sign_elected.positive", (n, chunk), cdt, dev)
+        # the hash's rows when it runs in both passes (the kept masks take them otherwise)
+        mask = scratch("sign_elected.mask", (n, chunk), cdt, dev) if drop is not None and kept_masks is None else None
+        # counts of ones summed in fp32 are exact up to 2^24 (and 2.3x faster than converting to fp64)
+        count_dtype = None if chunk <= 1 << 24 else torch.float64
+        for a in range(0, self.numel, chunk):
+            e = min(self.numel, a + chunk)
             t = buf[:n, : e - a]
-            if direct:  # inputs in the compute dtype: differences straight from them
+            if self.direct:  # inputs in the compute dtype: differences straight from them
                 bb = fb[a:e]
                 for i in range(n):
                     torch.sub(flat[i][a:e], bb, out=t[i])
@@ -142,12 +222,12 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
                 t.mul_(m).mul_(drop.scale)
             g = elected[: e - a]
             if elect:
-                torch.mm(wd[None], t, out=g[None])
+                torch.mm(self.wd[None], t, out=g[None])
                 # a near tie (|Σ wτ| within TIE of Σ w|τ|: rounding's reach) elects no sign, as
                 # an exact one does; exact ties are common where fp16/bf16 task vectors are a few
                 # ulps, and the rounding that broke them differed between devices
                 mag = magnitude[: e - a]
-                torch.mm(wd[None], torch.abs(t, out=positive[:, : e - a]), out=mag[None])
+                torch.mm(self.wd[None], torch.abs(t, out=positive[:, : e - a]), out=mag[None])
                 torch.gt(torch.abs(g, out=tie_row[: e - a]), mag.mul_(TIE), out=mag)
                 signs[a:e].copy_(g.sign_().mul_(mag))
             else:
@@ -158,52 +238,54 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
             # flip commutes with rounding). Float ops: bool masks are ~5x slower on CPU.
             t.mul_(g).clamp_(min=0)
             if elect:
-                kept.add_(torch.gt(t, 0, out=positive[:, : e - a]).sum(1, dtype=count_dtype))
+                self.kept_count.add_(torch.gt(t, 0, out=positive[:, : e - a]).sum(1, dtype=count_dtype))
             yield a, e, t, bb, g
 
-    nchunks = max(1, -(-numel // chunk))
-    parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
+    def _gram(self) -> torch.Tensor:
+        n, dev, cdt = len(self.flat), self.flat[0].device, self.cdt
+        nchunks = max(1, -(-self.numel // self.chunk))
+        parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
 
-    def products(exp2: int = 0) -> torch.Tensor:
-        if exp2:
-            kept.zero_()
-        for j, (a, e, t, _, _) in enumerate(chunks(elect=True)):
-            if exp2:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
-                scale_pow2_(t, exp2)
-            if n > 1:
-                t[1:].sub_(t[0])
-            chunk_products(t, parts[j])
-        beta = finish_products(parts)
-        return scale_pow2_(beta, -2 * exp2) if exp2 else beta
+        def products(exp2: int = 0) -> torch.Tensor:
+            if exp2:
+                self.kept_count.zero_()
+            for j, (a, e, t, _, _) in enumerate(self._chunks(elect=True)):
+                if exp2:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
+                    scale_pow2_(t, exp2)
+                if n > 1:
+                    t[1:].sub_(t[0])
+                chunk_products(t, parts[j])
+            beta = finish_products(parts)
+            return scale_pow2_(beta, -2 * exp2) if exp2 else beta
 
-    beta = products()
-    bad, tiny = torch.stack([~torch.isfinite(beta).all(), beta.diagonal().abs().max() < TINY_GRAM]).tolist()
-    if bad:
-        locate_nonfinite(xs, base, key or "tensor")
-    if bad or tiny:  # fp32 products overflowed or may have underflowed: see gram.py
-        e = rescale_exponent(list(xs) + [base], force=bad)
-        if e:
-            beta = products(e)
-            bad = not bool(torch.isfinite(beta).all())
-    if bad:
-        raise MergeInputError(f"key '{key or 'tensor'}': the inputs overflow the compute precision")
-    tm = pivot_map(n, device=dev)
-    gram = tm @ beta @ tm.T
-    sol = gm.solve_geometric_median(gram[None], w, **prm)
-    c = sol.coeffs[0]
-    cc = (lam * c).to(device=dev, dtype=cdt)
-    odt = out_dtype or cdt
-    out = torch.empty(xs[0].shape, dtype=odt if odt in WRITABLE else cdt, device=dev)
-    fo = out.view(-1)
-    for a, e, u, bb, g in chunks(elect=False):
-        torch.addcmul(bb, g, cc @ u, out=fo[a:e])  # in cdt (γ·v exact), rounded to the output's dtype once
-    out = out.to(odt)
-    rec = sol.record
-    return out, {
-        "coefficients": c.tolist(),
-        "iterations": int(rec["iterations"][0]),
-        "converged": bool(rec["converged"][0]),
-        "objective": float(rec["objective"][0]),
-        "kept_fraction": (kept / max(numel, 1)).tolist(),
-        "identical": False,
-    }
+        xs, base, key = self.xs, self.base, self.key
+        beta = products()
+        bad, tiny = torch.stack([~torch.isfinite(beta).all(), beta.diagonal().abs().max() < TINY_GRAM]).tolist()
+        if bad:
+            locate_nonfinite(xs, base, key or "tensor")
+        if bad or tiny:  # fp32 products overflowed or may have underflowed: see gram.py
+            e = rescale_exponent(list(xs) + [base], force=bad)
+            if e:
+                beta = products(e)
+                bad = not bool(torch.isfinite(beta).all())
+        if bad:
+            raise MergeInputError(f"key '{key or 'tensor'}': the inputs overflow the compute precision")
+        tm = pivot_map(n, device=dev)
+        return (tm @ beta @ tm.T).cpu()
+
+    def combine(self, c: list[float], rec: dict) -> tuple[torch.Tensor, dict]:
+        dev, cdt = self.flat[0].device, self.cdt
+        cc = (self.lam * torch.tensor(c, dtype=torch.float64)).to(device=dev, dtype=cdt)
+        odt = self.out_dtype or cdt
+        out = torch.empty(self.xs[0].shape, dtype=odt if odt in WRITABLE else cdt, device=dev)
+        fo = out.view(-1)
+        for a, e, u, bb, g in self._chunks(elect=False):
+            torch.addcmul(bb, g, cc @ u, out=fo[a:e])  # in cdt (γ·v exact), rounded to the output's dtype once
+        return out.to(odt), {
+            "coefficients": c,
+            "iterations": int(rec["iterations"]),
+            "converged": bool(rec["converged"]),
+            "objective": float(rec["objective"]),
+            "kept_fraction": (self.kept_count / max(self.numel, 1)).tolist(),
+            "identical": False,
+        }

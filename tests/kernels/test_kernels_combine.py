@@ -272,6 +272,40 @@ def test_sign_elected_kept_masks_equal_hashing_again(monkeypatch, dtype):
     assert not torch.equal(kept, se.sign_elected_median(xs, base, [1, 2, 1, 1], **{**kw, "seed": 10})[0])
 
 
+@pytest.mark.parametrize("drop", [0.0, 0.4])
+def test_sign_elected_group_equals_one_key_at_a_time(drop):
+    """The engine's SignElectedGroup (keys added in turn, their Grams solved in one batch, combined
+    after) gives each key's one-key result: a budget that splits the keys into several batches
+    (the drop masks' buffer reused by the next batch), a key larger than the budget alone, and a
+    key whose inputs are identical (no Gram) among them."""
+    from kernels.sign_elected import SignElectedGroup
+
+    g = torch.Generator().manual_seed(21)
+    sizes = [700, 300, 5000, 40, 900, 900, 64]
+    keys = []
+    for j, size in enumerate(sizes):
+        base = torch.randn(size, generator=g)
+        xs = [base + 0.1 * torch.randn(size, generator=g) for _ in range(3)]
+        if j == 3:
+            xs = [xs[0], xs[0].clone(), xs[0].clone()]
+        keys.append((f"k{j}", xs, base))
+    kw = dict(strength=0.8, drop_rate=drop, seed=5, tol=1e-12, max_iter=500, eps=1e-8)
+    group = SignElectedGroup(3, [1, 2, 1], budget=1500, **kw)
+    got, batches = [], []
+    for key, xs, base in keys:
+        done = group.add(xs, base, key=key)
+        batches += [len(done)] if done else []
+        got += done
+    got += group.finish()
+    assert len(batches) >= 3 and [k for k, _, _ in got] == [k for k, _, _ in keys]
+    for (key, xs, base), (_, out, rec) in zip(keys, got):
+        ref, ref_rec = sign_elected_median(xs, base, [1, 2, 1], key=key, **kw)
+        assert rel(out, ref) < 1e-6, key
+        assert rec["identical"] == ref_rec["identical"] == (key == "k3" and drop == 0)  # a drop masks them apart
+        assert rec.get("kept_fraction") == ref_rec.get("kept_fraction")
+        assert rec["coefficients"] == pytest.approx(ref_rec["coefficients"], abs=1e-9)
+
+
 def test_sign_elected_identical_inputs_and_dropout_free_defaults():
     x = torch.randn(100)
     base = torch.randn(100)
