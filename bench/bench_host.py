@@ -17,7 +17,8 @@
    and cast to fp32 there (as ComfyUI's load does; and through the engine's pinned buffers); goal
    <= 1.25 for GM and Karcher. An fp32 copy of the inputs (ComfyUI's CPU load writes one) is
    shown beside it, not used as the floor: it also writes, and at real shapes each fresh copy
-   page-faults. With --kernels eager fused the GM and Karcher nodes run with each kernel choice.
+   page-faults. The element and sign-elected medians (tensor methods: they write every merged
+   tensor, as the fp32 copy does) run on the same models, the latter with their base. With --kernels eager fused the GM and Karcher nodes run with each kernel choice.
    Peak extra RSS of the merge vs the size of one model (goal <= 5% for linear results).
 Prints one table; every ratio is measured in this run.
 """
@@ -177,7 +178,8 @@ def inprocess_section(arch, repeats, kernels=("eager",)):
     out = {}
     with torch.inference_mode():
         models = [comfy.sd.load_checkpoint_guess_config(str(p), output_vae=False, output_clip=False)[0]
-                  for p in family(arch)]
+                  for p in family(arch) + [checkpoints.checkpoint(arch, seed=0)]]  # the last: their base
+        base = models.pop()
         sd0 = models[0].model.diffusion_model.state_dict()
         one_model = sum(t.numel() * t.element_size() for t in sd0.values())
         params = sum(t.numel() for t in sd0.values())
@@ -225,6 +227,10 @@ def inprocess_section(arch, repeats, kernels=("eager",)):
             "GM model": node(gm, tolerance=1e-7, **{**SOLVER, "scope": "model"}),
             "Karcher tensor": node(karcher, tolerance=1e-7, max_iterations=100, scope="tensor"),
             "weighted mean": node("BarycenterWeightedMean"),
+            # tensor methods: they write every merged tensor (3.4 GB fresh at SD1.5 shapes)
+            "element median": node(gm, tolerance=1e-7, **{**SOLVER, "scope": "element"}),
+            "sign-elected median": node("BarycenterSignElectedMedian", tolerance=1e-7, **SOLVER, base_model=base,
+                                        strength=1.0, drop_rate=0.0, drop_seed=0),
         }
         for kernel in ([] if gpu else kernels[1:]):
             cases[f"GM tensor, {kernel} kernels"] = node(gm, kernel, tolerance=1e-7, **SOLVER)
