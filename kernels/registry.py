@@ -2,7 +2,8 @@
 
 Linear methods return coefficients (a solver on Grams); tensor methods return a tensor per key
 (`merge_tensors(xs, *, base, weights, strength, out_dtype, **params) -> (tensor, record)`, the
-tensor in out_dtype: the model's, so no full-size fp32 result is made). Each method's math and
+tensor in out_dtype: the model's, so no full-size fp32 result is made); one whose keys are best
+solved together also has a `tensor_group`, which the engine uses. Each method's math and
 references are in its module's docstring (MethodInfo.doc).
 """
 from __future__ import annotations

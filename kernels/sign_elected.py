@@ -29,9 +29,9 @@ the compute device, whose stream differed between CPU and CUDA.)
 Identical inputs with drop_rate 0 return the input (strength 1) bit-exactly.
 The engine merges a model's keys through a SignElectedGroup: each key's election and Gram pass
 as it is read, the Grams of consecutive keys (up to GROUP_ELEMS entries) solved in one batch on
-the CPU, then each combined. The same bits as one key at a time (SD1.5 shapes, 3 fp16 models);
-686 single-key solves cost ~2 s of CPU time there, and on a GPU each would run its steps as
-kernel launches.
+the CPU, then each combined. The same bits as one key at a time (SD1.5 shapes, 3 fp16 models,
+one thread), whose 686 single-key solves cost 1.3–3.2 s of CPU time there (the benchmark: 24% of the merge); on a
+GPU each ran its steps as kernel launches.
 References: P. Yadav et al., "TIES-Merging", NeurIPS 2023; L. Yu et al., "Language models are
 Super Mario" (DARE), ICML 2024; Vardi & Zhang, PNAS 2000.
 """
@@ -81,8 +81,7 @@ def sign_elected_median(xs: Sequence[torch.Tensor], base: torch.Tensor, weights=
 class SignElectedGroup:
     """Keys of one merge, added one after another (each: the sign election and the Gram pass),
     then finished together: their Grams solved in one batch on the CPU (a solve is hundreds of
-    tiny steps, as many for K keys as for one: 686 single-key solves took ~1 s of an SD1.5 merge
-    on CPU, and on a GPU every step would be launches), then each key combined. While pending a
+    tiny steps, as many for K keys as for one: see the module docstring), then each key combined. While pending a
     key holds its inputs, its elected signs (one byte per entry, in a shared buffer: one group at
     a time per thread) and its drop masks (n bytes per entry, in a buffer of the group, reused
     for the next keys instead of a fresh allocation per key). The pending keys hold at most
@@ -163,7 +162,6 @@ class _Key:
     def __init__(self, group: SignElectedGroup, xs, base, key, out_dtype, signs, kept_masks):
         n, w = group.n, group.w
         self.key, self.lam, self.out_dtype = key, group.lam, out_dtype
-        self.xs, self.base = xs, base
         self.gram = None
         dev = xs[0].device
         cdt = self.cdt = compute_dtype(*xs, base)
@@ -174,6 +172,7 @@ class _Key:
             self.result = (out.to(out_dtype or cdt), {"coefficients": w.tolist(), "identical": True,
                                                       "iterations": 0, "converged": True})
             return
+        self.xs, self.base = xs, base  # held until the combine (a key of identical inputs is done above)
         numel = self.numel = xs[0].numel()
         chunk_elems = group.chunk_elems
         if not chunk_elems and group.p > 0 and dev.type == "cpu":
