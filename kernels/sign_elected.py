@@ -48,8 +48,8 @@ from .combine import same_tensors
 from .dare import DropMask
 from .element_median import WRITABLE
 from .errors import MergeInputError
-from .gram import (TINY_GRAM, chunk_products, compute_dtype, default_chunk, finish_products, locate_nonfinite,
-                   pivot_map, rescale_exponent, scale_pow2_, scratch)
+from .gram import (TINY_GRAM, block_products, chunk_products, compute_dtype, default_chunk, finish_products,
+                   locate_nonfinite, map_pivoted, rescale_exponent, scale_pow2_, scratch)
 from .inputs import check_params, check_weights
 
 DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
@@ -243,7 +243,10 @@ class _Key:
     def _gram(self) -> torch.Tensor:
         n, dev, cdt = len(self.flat), self.flat[0].device, self.cdt
         nchunks = max(1, -(-self.numel // self.chunk))
-        parts = torch.zeros(nchunks, n, n, dtype=cdt, device=dev)
+        # the geometric median needs only the centred block (products of the differences): no
+        # pivot row, as gram_matrix(full=False); one input keeps it (its only NaN check)
+        full = n == 1
+        parts = torch.zeros(nchunks, n - 1 + full, n - 1 + full, dtype=cdt, device=dev)
 
         def products(exp2: int = 0) -> torch.Tensor:
             if exp2:
@@ -251,10 +254,16 @@ class _Key:
             for j, (a, e, t, _, _) in enumerate(self._chunks(elect=True)):
                 if exp2:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
                     scale_pow2_(t, exp2)
-                if n > 1:
+                if full:
+                    chunk_products(t, parts[j])
+                else:
                     t[1:].sub_(t[0])
-                chunk_products(t, parts[j])
-            beta = finish_products(parts)
+                    block_products(t[1:], parts[j])
+            if full:
+                beta = finish_products(parts)
+            else:
+                beta = torch.zeros(n, n, dtype=torch.float64, device=dev)
+                beta[1:, 1:] = finish_products(parts)
             return scale_pow2_(beta, -2 * exp2) if exp2 else beta
 
         xs, base, key = self.xs, self.base, self.key
@@ -269,8 +278,7 @@ class _Key:
                 bad = not bool(torch.isfinite(beta).all())
         if bad:
             raise MergeInputError(f"key '{key or 'tensor'}': the inputs overflow the compute precision")
-        tm = pivot_map(n, device=dev)
-        return (tm @ beta @ tm.T).cpu()
+        return map_pivoted(beta, full).cpu()
 
     def combine(self, c: list[float], rec: dict) -> tuple[torch.Tensor, dict]:
         dev, cdt = self.flat[0].device, self.cdt
