@@ -18,7 +18,7 @@
    <= 1.25 for GM and Karcher. An fp32 copy of the inputs (ComfyUI's CPU load writes one) is
    shown beside it, not used as the floor: it also writes, and at real shapes each fresh copy
    page-faults. The element and sign-elected medians (tensor methods: they write every merged
-   tensor, as the fp32 copy does) run on the same models, the latter with their base. With --kernels eager fused the GM and Karcher nodes run with each kernel choice.
+   tensor, as the fp32 copy does) run on the same models, the latter with their base. With --kernels eager fused the GM, Karcher and sign-elected median nodes run with each kernel choice.
    Peak extra RSS of the merge vs the size of one model (goal <= 5% for linear results).
 Prints one table; every ratio is measured in this run.
 """
@@ -236,6 +236,9 @@ def inprocess_section(arch, repeats, kernels=("eager",)):
             cases[f"GM tensor, {kernel} kernels"] = node(gm, kernel, tolerance=1e-7, **SOLVER)
             cases[f"Karcher tensor, {kernel} kernels"] = node(karcher, kernel, tolerance=1e-7, max_iterations=100,
                                                               scope="tensor")
+            cases[f"sign-elected median, {kernel} kernels"] = node(
+                "BarycenterSignElectedMedian", kernel, tolerance=1e-7, **SOLVER, base_model=base, strength=1.0,
+                drop_rate=0.0, drop_seed=0)
         for name, fn in cases.items():
             fn()  # warm
             times, extras, vram = [], [], []

@@ -109,7 +109,7 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
         else:
             # GM needs only the centred block of the Gram (cheaper); Karcher the norms too
             full = method != "geometric_median"
-            kernel = fused_kernels.status() if dev.type == "cpu" else dev.type
+            kernel = fused_kernels.status(n) if dev.type == "cpu" else dev.type
             cached = gram_cache.key_of(sources, base, keys, dev, full, kernel)
             grams = gram_cache.lookup(cached)
             report["gram"] = "reused" if grams is not None else "computed"
@@ -136,11 +136,15 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
                     host_api.log.warning("comfyui-barycenter: %s", report["ill_posed_note"])
                 report["timing"] = {"read_s": t_read - t0, "solve_s": time.perf_counter() - t_read}
                 if dev.type == "cpu":
-                    report["cpu_gram_kernel"] = fused_kernels.status()
+                    report["cpu_gram_kernel"] = fused_kernels.status(n)
                 report["distances"] = pairwise_distances(grams.sum(0)).tolist()
         add_linear_patches(merged, sources, base, keys, coeffs, unit_ids, strength)
         report["units"] = _unit_report(unit_names, coeffs, record)
     else:
+        if info.tensor_group is not None and dev.type == "cpu":  # the sign-elected median's Gram pass
+            report["cpu_gram_kernel"] = fused_kernels.status(n, float(params.get("drop_rate", 0.0)))
+            if not fused_kernels.enabled():
+                fused_kernels.suggest_once(n)
         report["units"] = _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, dev)
     host_api.release(dev)
     report.setdefault("timing", {})["total_s"] = time.perf_counter() - t0

@@ -8,6 +8,10 @@ for the geometric median): inductor fuses the conversion, the differences and ev
 one loop, so each input element is loaded once (0.66-0.89x the time of a compiled weighted
 average, which must also write its result).
 
+The sign-elected median registers its own loops here (sign_elected.py: the election and Gram
+pass, and the combine, for 2-4 inputs and a base); they compile at their first use, not in the
+warm-up, and fall back the same way.
+
 Arithmetic (the same as gram.py): rows b_0 = x_1, b_i = x_{i+1} - x_1 in fp32; every product
 b_r·b_s summed in fp32 over sub-blocks of SUB_BLOCK elements, then in fp64 over sub-blocks
 (a few 1e-7 relative error per sum, as gram.py). Results differ from the eager kernel's by
@@ -94,6 +98,7 @@ def _centred4(x1, x2, x3, x4):
 
 _SOURCES = {(2, True): _products2, (3, True): _products3, (4, True): _products4,
             (2, False): _centred2, (3, False): _centred3, (4, False): _centred4}
+_LABELS: dict = {}  # variant -> its name in the compile log line (register)
 
 
 def enabled() -> bool:
@@ -118,18 +123,26 @@ def failure() -> str | None:
     return _failed[0] if _failed else None
 
 
-def status() -> str:
-    """One line for reports and logs: which CPU Gram kernel runs, and why."""
+def status(n_inputs: int | None = None, drop: float = 0.0) -> str:
+    """One line for reports and logs: which CPU Gram kernel runs for a merge of n_inputs (with a
+    DARE drop: the sign-elected median's fused loops take none), and why."""
     if _failed:
         return f"eager (fused kernels failed to compile: {_failed[0]})"
-    return "fused" if enabled() else "eager"
+    if not enabled():
+        return "eager"
+    if n_inputs is not None and not 2 <= n_inputs <= MAX_INPUTS:
+        return f"eager (the fused kernels take 2-{MAX_INPUTS} inputs)"
+    if drop > 0:
+        return "eager (the fused kernels take no drop_rate)"
+    return "fused"
 
 
-def applicable(flat, numel: int) -> bool:
-    """Whether fused_products can take these flattened inputs (CPU, 2-4 inputs, one float dtype)."""
+def applicable(flat, numel: int, max_tensors: int = MAX_INPUTS) -> bool:
+    """Whether fused_products can take these flattened inputs (CPU, 2-4 inputs, one float dtype);
+    max_tensors: a kernel that also takes a base (sign_elected.py) allows one more."""
     n = len(flat)
     x0 = flat[0]
-    return (enabled() and 2 <= n <= MAX_INPUTS and x0.device.type == "cpu" and x0.dtype in DTYPES
+    return (enabled() and 2 <= n <= max_tensors and x0.device.type == "cpu" and x0.dtype in DTYPES
             and all(x.dtype == x0.dtype for x in flat) and numel // SUB_BLOCK >= MIN_BLOCKS)
 
 
@@ -141,40 +154,57 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
     s = numel // SUB_BLOCK
     m = s * SUB_BLOCK
     views = [x[:m].view(s, SUB_BLOCK) for x in flat]
-    variant = (n, bool(full))
-    if variant + (flat[0].dtype,) not in _ready:
-        sums = _compile_and_run(variant, views, "first use")
-        if sums is None:
-            return None
-        return _to_beta(sums, n, full), m
-    return _to_beta(_run(_compiled[variant], views), n, full), m
+    sums = run_variant((n, bool(full)), views)
+    return None if sums is None else (_to_beta(sums, n, full), m)
 
 
-def _compile_and_run(variant, views, why: str) -> torch.Tensor | None:
+def register(variant: tuple, fn, label: str) -> None:
+    """Another kernel's compiled loop (sign_elected.py), run by run_variant like the Gram's: fn takes
+    1-D fp32 parameter tensors and (blocks, SUB_BLOCK) views of one dtype; label names it in logs."""
+    _SOURCES[variant] = fn
+    _LABELS[variant] = label
+
+
+def run_variant(variant: tuple, args):
+    """The compiled `variant` applied to args (compiled first if this dtype has not run yet), or None
+    when compiling failed (then for good, with one warning: callers use their eager kernel)."""
+    if variant + (_dtype(args),) not in _ready:
+        return _compile_and_run(variant, args, "first use")
+    return _run(_compiled[variant], args)
+
+
+def _dtype(args) -> torch.dtype:
+    return next(a.dtype for a in args if a.dim() == 2)
+
+
+def _compile_and_run(variant, args, why: str):
     """Compile `variant` for the views' dtype (once per process; concurrent callers wait) and run it
-    on them: the sums, or None when compiling failed (then for good, with one warning)."""
-    sig = variant + (views[0].dtype,)
+    on args: its result, or None when compiling failed (then for good, with one warning)."""
+    sig = variant + (_dtype(args),)
     with _lock:  # compile once, not concurrently from the Gram pass's worker threads or the warm-up
         if _failed:
             return None
         if sig in _ready:
-            return _run(_compiled[variant], views)
+            return _run(_compiled[variant], args)
+        label = _LABELS.get(variant) or (f"Gram kernel for {variant[0]} inputs "
+                                         f"({'full' if variant[1] else 'centred'}")
         log.log(logging.DEBUG if why == "warm-up" else logging.INFO,
-                "comfyui-barycenter: compiling the fused CPU Gram kernel for %d inputs (%s, %s; %s)",
-                variant[0], "full" if variant[1] else "centred", str(sig[2]).replace("torch.", ""), why)
-        for v in views:  # compiled for any number of sub-blocks: no recompile per key size
-            torch._dynamo.mark_dynamic(v, 0)
+                "comfyui-barycenter: compiling the fused CPU %s, %s; %s)",
+                label, str(sig[-1]).replace("torch.", ""), why)
+        for v in args:  # compiled for any number of sub-blocks: no recompile per key size
+            if v.dim() == 2:
+                torch._dynamo.mark_dynamic(v, 0)
         try:
             fn = _compiled.get(variant)
             if fn is None:
                 fn = _compiled[variant] = torch.compile(_SOURCES[variant], fullgraph=True)
-            sums = _run(fn, views)
+            out = _run(fn, args)
         except Exception as e:  # no compiler, unsupported platform...: eager from now on
             _failed.append(error_line(e))
             log.warning("comfyui-barycenter: %s=fused but %s; using the eager Gram kernel", ENV, _failed[0])
             return None
         _ready.add(sig)
-        return sums
+        return out
 
 
 def warm_up(dtypes=(torch.float32,)) -> list[tuple]:
@@ -206,11 +236,11 @@ def loop_threads(n: int):
         stack.pop()
 
 
-def _run(fn, views):
-    """fn(*views) on the loop_threads() count if one is set (torch compiles once per count)."""
+def _run(fn, args):
+    """fn(*args) on the loop_threads() count if one is set (torch compiles once per count)."""
     stack = getattr(_tls, "loop", None)
     with intra_op_threads(stack[-1] if stack else None):
-        return fn(*views)
+        return fn(*args)
 
 
 def _to_beta(sums: torch.Tensor, n: int, full: bool) -> torch.Tensor:

@@ -27,6 +27,8 @@ private. The masks are the same on CPU and CUDA and for any chunk size, so a mer
 differs between devices only by rounding. (Before 2026-11-23 they came from a torch.Generator on
 the compute device, whose stream differed between CPU and CUDA.)
 Identical inputs with drop_rate 0 return the input (strength 1) bit-exactly.
+With BARYCENTER_CPU_KERNELS=fused (fused.py), 2-4 inputs and a base of one dtype and no drop, each
+pass over a key's whole sub-blocks is one compiled loop (FUSED_BLOCKS below); the numbers are there.
 The engine merges a model's keys through a SignElectedGroup: each key's election and Gram pass
 as it is read, the Grams of consecutive keys (up to GROUP_ELEMS entries) solved in one batch on
 the CPU, then each combined. The same bits as one key at a time (SD1.5 shapes, 3 fp16 models,
@@ -43,6 +45,7 @@ from typing import Sequence
 
 import torch
 
+from . import fused
 from . import geometric_median as gm
 from .combine import same_tensors
 from .dare import DropMask
@@ -57,6 +60,89 @@ TIE = 2.0 ** -18  # relative: above the fp32 election sum's rounding for up to 1
 DROP_CPU_CHUNK = 1 << 16  # with a drop, the hash's int32 rows of a chunk then stay in L2 (~15% faster)
 KEPT_MASK_BYTES = 1 << 27  # drop masks up to this size (a byte per entry and input) are kept for the combine
 GROUP_ELEMS = 1 << 24  # entries of the keys a SignElectedGroup solves together (a larger key: alone)
+
+
+# Opt-in fused CPU loops (BARYCENTER_CPU_KERNELS=fused, fused.py) for 2..fused.MAX_INPUTS inputs
+# and a base of one dtype, without a drop: per call FUSED_BLOCKS sub-blocks of the key, the
+# election, u_i, the centred products per sub-block and the kept counts in one compiled call
+# (inductor makes it two loops: γ, then the rest over rows still in cache), and the combine in
+# another, instead of ~35 eager ops over each chunk. The same arithmetic as _chunks (signs, u,
+# products summed in fp32 per sub-block of fused.SUB_BLOCK, then in fp64 on one thread); results
+# differ from the eager kernel's by rounding (summation order, fused multiply-adds) only, and do
+# not depend on the thread count or FUSED_BLOCKS. A quarter of SD1.5's keys (327M entries), 3
+# inputs + base, one thread, A/B of 2026-11-24: fp32 3.2-4.3 s -> 1.5-1.8 s, fp16 3.1-3.4 -> 1.0-1.5.
+FUSED_BLOCKS = 1024  # sub-blocks per call: 256-8192 took the same time (2^20 entries; ~0.1 ms a call)
+
+
+def _fused_rows(w, b, xs):
+    """(u_i = max(τ_i γ, 0) for each input, γ) of one chunk, as _chunks computes them."""
+    bf = b.float()
+    t = [x.float() - bf for x in xs]
+    g = w[0] * t[0]
+    mag = w[0] * t[0].abs()
+    for i in range(1, len(t)):
+        g = g + w[i] * t[i]
+        mag = mag + w[i] * t[i].abs()
+    gamma = torch.sign(g) * (g.abs() > mag * TIE).float()
+    return [torch.clamp(ti * gamma, min=0) for ti in t], gamma
+
+
+def _fused_elect(w, b, signs, xs):
+    """-> (pair sums of the pivoted differences u_i - u_1 per sub-block (P, blocks), upper triangle
+    row-major; kept counts per sub-block (N, blocks)); γ written into signs (int8)."""
+    u, gamma = _fused_rows(w, b, xs)
+    signs.copy_(gamma.to(torch.int8))
+    d = [ui - u[0] for ui in u[1:]]
+    sums = torch.stack([(d[r] * d[q]).sum(1) for r in range(len(d)) for q in range(r, len(d))])
+    counts = torch.stack([(ui > 0).float().sum(1) for ui in u])
+    return sums, counts
+
+
+def _fused_combine(c, b, signs, out, xs):
+    """out = base + γ Σ c_i u_i, computed in fp32 (γ from the Gram pass), rounded once."""
+    bf = b.float()
+    gamma = signs.float()
+    v = c[0] * torch.clamp((xs[0].float() - bf) * gamma, min=0)
+    for i in range(1, len(xs)):
+        v = v + c[i] * torch.clamp((xs[i].float() - bf) * gamma, min=0)
+    return out.copy_((bf + gamma * v).to(out.dtype))  # out itself: run_variant's None means failure
+
+
+# one function per N and step (torch.compile's cache is per function: see fused.py)
+def _elect2(w, b, signs, x1, x2):
+    return _fused_elect(w, b, signs, [x1, x2])
+
+
+def _elect3(w, b, signs, x1, x2, x3):
+    return _fused_elect(w, b, signs, [x1, x2, x3])
+
+
+def _elect4(w, b, signs, x1, x2, x3, x4):
+    return _fused_elect(w, b, signs, [x1, x2, x3, x4])
+
+
+def _combine2(c, b, signs, out, x1, x2):
+    return _fused_combine(c, b, signs, out, [x1, x2])
+
+
+def _combine3(c, b, signs, out, x1, x2, x3):
+    return _fused_combine(c, b, signs, out, [x1, x2, x3])
+
+
+def _combine4(c, b, signs, out, x1, x2, x3, x4):
+    return _fused_combine(c, b, signs, out, [x1, x2, x3, x4])
+
+
+for _n, _e, _c in ((2, _elect2, _combine2), (3, _elect3, _combine3), (4, _elect4, _combine4)):
+    fused.register(("sign_elected", _n), _e, f"sign-elected median kernel for {_n} inputs (election and Gram")
+    fused.register(("sign_elected_combine", _n), _c, f"sign-elected median kernel for {_n} inputs (combine")
+
+
+def fused_entries(flat, fb, numel: int, drop: float) -> int:
+    """Entries [0, m) of a key that the fused loops take (whole sub-blocks), 0 for none."""
+    if drop > 0 or len(flat) < 2 or not fused.applicable(list(flat) + [fb], numel, fused.MAX_INPUTS + 1):
+        return 0
+    return (numel // fused.SUB_BLOCK) * fused.SUB_BLOCK
 
 
 def key_seed(seed: int, key: str) -> int:
@@ -188,9 +274,43 @@ class _Key:
         # hashing again (the hash is ~14 int32 ops per entry and input); very large keys hash twice
         self.kept_masks = kept_masks
         self.kept_count = torch.zeros(n, dtype=torch.float64, device=dev)
+        # entries [0, fused_m) go through the fused loops (fused_entries), the rest through _chunks
+        self.fused_m = fused_entries(self.flat, self.fb, numel, group.p)
         self.gram = self._gram()
 
-    def _chunks(self, elect: bool):
+    def _fused_calls(self, variant: str, params, outs):
+        """The compiled `variant` over the entries [0, fused_m), FUSED_BLOCKS sub-blocks a call,
+        writing into the flat tensors outs: (start, end, its result) each; None from the first
+        when compiling failed."""
+        blocks, n = self.fused_m // fused.SUB_BLOCK, len(self.flat)
+        step = FUSED_BLOCKS * fused.SUB_BLOCK
+        for a in range(0, self.fused_m, step):
+            e = min(self.fused_m, a + step)
+            rows = min(FUSED_BLOCKS, blocks - a // fused.SUB_BLOCK)
+            views = [x[a:e].view(rows, fused.SUB_BLOCK) for x in [self.fb, *outs, *self.flat]]
+            yield a, e, fused.run_variant((variant, n), [*params, *views])
+
+    def _fused_gram(self) -> torch.Tensor | None:
+        """The fused loops' part of the pivoted Gram (N, N), fp64 (row and column 0 zero), their
+        signs stored and kept counts added; None when compiling failed."""
+        n, wd = len(self.flat), self.wd.float()
+        sums, counts = [], []
+        for _, _, got in self._fused_calls("sign_elected", [wd], [self.signs]):
+            if got is None:
+                return None
+            sums.append(got[0])
+            counts.append(got[1])
+        with torch.no_grad(), fused.intra_op_threads(1):  # one summation order whatever the threads
+            self.kept_count += torch.cat(counts, 1).double().sum(1)
+            total = torch.cat(sums, 1).double().sum(1).tolist()
+        beta = torch.zeros(n, n, dtype=torch.float64)
+        vals = iter(total)
+        for r in range(1, n):
+            for q in range(r, n):
+                beta[r, q] = beta[q, r] = next(vals)
+        return beta
+
+    def _chunks(self, elect: bool, start: int = 0):
         n, chunk, cdt, dev = len(self.flat), self.chunk, self.cdt, self.flat[0].device
         flat, fb, drop, signs, kept_masks = self.flat, self.fb, self.drop, self.signs, self.kept_masks
         buf = scratch("sign_elected", (n + 1, chunk), cdt, dev)
@@ -202,7 +322,7 @@ class _Key:
         mask = scratch("sign_elected.mask", (n, chunk), cdt, dev) if drop is not None and kept_masks is None else None
         # counts of ones summed in fp32 are exact up to 2^24 (and 2.3x faster than converting to fp64)
         count_dtype = None if chunk <= 1 << 24 else torch.float64
-        for a in range(0, self.numel, chunk):
+        for a in range(start, self.numel, chunk):
             e = min(self.numel, a + chunk)
             t = buf[:n, : e - a]
             if self.direct:  # inputs in the compute dtype: differences straight from them
@@ -242,16 +362,20 @@ class _Key:
 
     def _gram(self) -> torch.Tensor:
         n, dev, cdt = len(self.flat), self.flat[0].device, self.cdt
-        nchunks = max(1, -(-self.numel // self.chunk))
         # the geometric median needs only the centred block (products of the differences): no
         # pivot row, as gram_matrix(full=False); one input keeps it (its only NaN check)
         full = n == 1
-        parts = torch.zeros(nchunks, n - 1 + full, n - 1 + full, dtype=cdt, device=dev)
 
         def products(exp2: int = 0) -> torch.Tensor:
-            if exp2:
+            if exp2:  # the rare rescaled recompute: eager throughout
                 self.kept_count.zero_()
-            for j, (a, e, t, _, _) in enumerate(self._chunks(elect=True)):
+                self.fused_m = 0
+            fused_beta = self._fused_gram() if self.fused_m else None
+            if fused_beta is None:
+                self.fused_m = 0  # compiling failed (fused.py warned): eager from the start
+            nchunks = max(1, -(-(self.numel - self.fused_m) // self.chunk))
+            parts = torch.zeros(nchunks, n - 1 + full, n - 1 + full, dtype=cdt, device=dev)
+            for j, (a, e, t, _, _) in enumerate(self._chunks(elect=True, start=self.fused_m)):
                 if exp2:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
                     scale_pow2_(t, exp2)
                 if full:
@@ -264,6 +388,8 @@ class _Key:
             else:
                 beta = torch.zeros(n, n, dtype=torch.float64, device=dev)
                 beta[1:, 1:] = finish_products(parts)
+            if fused_beta is not None:
+                beta += fused_beta
             return scale_pow2_(beta, -2 * exp2) if exp2 else beta
 
         xs, base, key = self.xs, self.base, self.key
@@ -286,7 +412,12 @@ class _Key:
         odt = self.out_dtype or cdt
         out = torch.empty(self.xs[0].shape, dtype=odt if odt in WRITABLE else cdt, device=dev)
         fo = out.view(-1)
-        for a, e, u, bb, g in self._chunks(elect=False):
+        start = 0  # the fused loop's part; the rest (or all, if it failed to compile) eager, from the same signs
+        for _, e, got in self._fused_calls("sign_elected_combine", [cc.float()], [self.signs, fo]) if self.fused_m else ():
+            if got is None:
+                break
+            start = e
+        for a, e, u, bb, g in self._chunks(elect=False, start=start):
             torch.addcmul(bb, g, cc @ u, out=fo[a:e])  # in cdt (γ·v exact), rounded to the output's dtype once
         return out.to(odt), {
             "coefficients": c,

@@ -14,8 +14,10 @@ import pytest
 
 from harness.graphs import Graph, load_checkpoint, merge_node
 from harness.server import FUSED_READY_LOG
-from tests.host.helpers import host_api_in_process, saved_checkpoint, unet
-from tests.host.test_robust_nodes import NODES, assert_linear_close, capture, captured, expected_linear, family
+from kernels import parse_weights, sign_elected_median
+from tests.host.helpers import as_held, host_api_in_process, saved_checkpoint, storage_rounding, unet
+from tests.host.test_robust_nodes import (NODES, assert_linear_close, base_files, capture, captured, expected_linear,
+                                          family)
 
 pytestmark = pytest.mark.host
 
@@ -52,10 +54,45 @@ def test_fused_kernels_in_comfyui_equal_the_kernel_result(fused_server, node):
     run = fused_server.client.run(g.prompt(), timeout=600)
     assert run.status == "success", run.error_text
     assert captured(run, report_id)["cpu_gram_kernel"] == "fused"
-    log = fused_server.log_path.read_text(errors="replace")
-    assert FIRST_USE not in log, "a merge compiled a kernel that the startup warm-up should have"
+    log = fused_server.log_path.read_text(errors="replace").splitlines()
+    # (the sign-elected median's loops are compiled at their first use: not warmed up)
+    assert not [l for l in log if "Gram kernel" in l and FIRST_USE in l], \
+        "a merge compiled a kernel that the startup warm-up should have"
     expected, _, scale = expected_linear(method, xs, settings)
     assert_linear_close(unet(saved_checkpoint(fused_server, prefix)), expected, scale)
+
+
+def test_fused_sign_elected_median_in_comfyui_equals_the_kernel_result(fused_server, monkeypatch):
+    names, xs = family([1, 2, 3])
+    base_name, base = base_files()
+    _, settings = NODES["BarycenterSignElectedMedian"]
+    g = Graph()
+    loaders = [load_checkpoint(g, n) for n in names + [base_name]]
+    merged = merge_node(g, "BarycenterSignElectedMedian", [Graph.out(l, 0) for l in loaders[:3]], **settings,
+                        base_model=Graph.out(loaders[3], 0), device="cpu")
+    report_id = capture(g, merged)
+    prefix = "checkpoints/fused_sign_elected"
+    g.add("CheckpointSave", model=Graph.out(merged, 0), clip=Graph.out(loaders[0], 1),
+          vae=Graph.out(loaders[0], 2), filename_prefix=prefix)
+    run = fused_server.client.run(g.prompt(), timeout=600)
+    assert run.status == "success", run.error_text
+    assert captured(run, report_id)["cpu_gram_kernel"] == "fused"
+    log = fused_server.log_path.read_text(errors="replace")
+    assert "compiling the fused CPU sign-elected median kernel for 3 inputs" in log
+    saved = unet(saved_checkpoint(fused_server, prefix))
+    monkeypatch.setenv("BARYCENTER_CPU_KERNELS", "eager")  # the reference: the eager kernel, here
+    w = parse_weights("", 3)
+    large = sorted(xs[0], key=lambda k: -xs[0][k].numel())[:4]  # keys the fused loops take
+    assert xs[0][large[0]].numel() >= 1 << 20
+    for k in large + list(xs[0])[::11]:
+        held = [as_held(x[k], saved[k].dtype).float() for x in xs + [base]]
+        exp, _ = sign_elected_median(held[:3], held[3], w, strength=1.0, key="diffusion_model." + k,
+                                     tol=settings["tolerance"], max_iter=settings["max_iterations"],
+                                     eps=settings["eps"])
+        # rounding only (fused.py): fp32 sums in another order and an elected sign that flips
+        # within the tie margin (2^-18 of the entry's weighted magnitude)
+        err = (saved[k].double() - exp.double()).abs()
+        assert bool((err <= 1e-5 * exp.double().abs() + 1e-6 + storage_rounding(saved[k], exp.double())).all()), k
 
 
 class _FakeApp:

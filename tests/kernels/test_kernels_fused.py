@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
 
 import kernels
 from kernels import GramPass, MergeInputError, fused, gram_matrix
+from kernels.threads import intra_op_threads
 
 from tests.kernels.conftest import IN_CI
 
@@ -212,4 +214,86 @@ def test_warm_up_does_nothing_when_off_and_stops_when_compiling_fails(monkeypatc
         assert fused.warm_up([torch.float32, torch.float16]) == []
     assert len(attempts) == 1, "tried to compile again after the first failure"
     assert fused.status().startswith("eager") and "no C++ compiler found" in fused.status()
+    assert sum("no C++ compiler found" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- the sign-elected median's fused loops (sign_elected.py) -----------------------------------
+
+def _sign_elected(mode, monkeypatch, xs, base, weights=None, **kw):
+    monkeypatch.setenv(fused.ENV, mode)
+    return kernels.sign_elected_median(xs, base, weights, key="k", tol=1e-10, max_iter=200,
+                                       out_dtype=xs[0].dtype, **kw)
+
+
+def _task_vectors(n, dtype, size, seed):
+    """A base and n fine-tunes of it whose task vectors disagree in sign on many entries."""
+    base = _models(1, dtype, size, seed=seed + 100)[0]
+    return [(base.float() + 3e-3 * t).to(dtype) for t in _models(n, torch.float32, size, seed=seed, spread=1.0)], base
+
+
+@pytest.mark.parametrize("n,dtype", [(2, torch.float32), (3, torch.float32), (3, torch.float16),
+                                     (4, torch.bfloat16)])
+@pytest.mark.parametrize("size", SIZES)
+def test_fused_sign_elected_equals_eager(fused_on, n, dtype, size):
+    xs, base = _task_vectors(n, dtype, size, seed=n)
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0][:n])
+    got, rec = _sign_elected("fused", fused_on, xs, base, w)
+    assert ("sign_elected", n, dtype) in fused._ready and ("sign_elected_combine", n, dtype) in fused._ready
+    ref, ref_rec = _sign_elected("eager", fused_on, xs, base, w)
+    assert got.dtype == dtype
+    # rounding only: fp32 sums in another order, fused multiply-adds, and an elected sign that
+    # flips within the tie margin (2^-18 of the entry's weighted magnitude) moves its entry by as little
+    tau = max(float((x.float() - base.float()).abs().max()) for x in xs)
+    err = (got.float() - ref.float()).abs()
+    ulp = torch.finfo(dtype).eps * ref.float().abs()
+    assert bool((err <= 2 * ulp + 1e-5 * tau).all()), float(err.max())
+    assert max(abs(a - b) for a, b in zip(rec["coefficients"], ref_rec["coefficients"])) < 1e-6
+    assert max(abs(a - b) for a, b in zip(rec["kept_fraction"], ref_rec["kept_fraction"])) <= 1e-4
+    assert 0.3 < min(rec["kept_fraction"]) < 0.9, "the signs must disagree for the election to matter"
+
+
+def test_fused_sign_elected_bits_do_not_depend_on_threads_or_call_size(fused_on):
+    # 40 sub-blocks and a tail: calls of 16, 16 and 8 sub-blocks against one call of 40
+    xs, base = _task_vectors(3, torch.float16, 40 * fused.SUB_BLOCK + 77, seed=5)
+    one, rec = _sign_elected("fused", fused_on, xs, base)
+    for count in (1, 2, 3):
+        with intra_op_threads(count):
+            again, rec2 = _sign_elected("fused", fused_on, xs, base)
+        assert torch.equal(one, again) and rec2 == rec, f"{count} intra-op threads"
+    se = sys.modules[kernels.sign_elected_median.__module__]
+    fused_on.setattr(se, "FUSED_BLOCKS", 16)
+    again, rec2 = _sign_elected("fused", fused_on, xs, base)
+    assert torch.equal(one, again) and rec2 == rec, "calls of 16 sub-blocks"
+
+
+def test_fused_sign_elected_nan_names_model_and_key(fused_on):
+    xs, base = _task_vectors(3, torch.float32, SIZES[0], seed=1)
+    xs[2] = xs[2].clone()
+    xs[2][4321] = float("inf")
+    with pytest.raises(MergeInputError, match=r"key 'k': model_3 contains Inf"):
+        _sign_elected("fused", fused_on, xs, base)
+
+
+def test_sign_elected_with_a_drop_or_five_inputs_is_eager(fused_on):
+    xs, base = _task_vectors(5, torch.float16, SIZES[0], seed=2)
+    for inputs, drop in ((xs, 0.0), (xs[:3], 0.3)):
+        got, _ = _sign_elected("fused", fused_on, inputs, base, drop_rate=drop, seed=1)
+        ref, _ = _sign_elected("eager", fused_on, inputs, base, drop_rate=drop, seed=1)
+        assert torch.equal(got, ref)
+    fused_on.setenv(fused.ENV, "fused")
+    assert fused.status(5) != "fused" and fused.status(3, drop=0.3) != "fused" and fused.status(3) == "fused"
+
+
+def test_sign_elected_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def no_compiler(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    for name, value in (("_compiled", {}), ("_ready", set()), ("_failed", [])):
+        monkeypatch.setattr(fused, name, value)
+    monkeypatch.setattr(fused.torch, "compile", no_compiler)
+    xs, base = _task_vectors(3, torch.float16, SIZES[1], seed=3)
+    ref, ref_rec = _sign_elected("eager", monkeypatch, xs, base)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        got, rec = _sign_elected("fused", monkeypatch, xs, base)
+    assert torch.equal(got, ref) and rec == ref_rec
     assert sum("no C++ compiler found" in r.getMessage() for r in caplog.records) == 1
