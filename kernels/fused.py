@@ -155,7 +155,7 @@ def fused_products(flat, numel: int, full: bool = True) -> tuple[torch.Tensor, i
     m = s * SUB_BLOCK
     views = [x[:m].view(s, SUB_BLOCK) for x in flat]
     sums = run_variant((n, bool(full)), views)
-    return None if sums is None else (_to_beta(sums, n, full), m)
+    return None if sums is None else (beta_from_sums(sums, n, full), m)
 
 
 def register(variant: tuple, fn, label: str) -> None:
@@ -243,7 +243,8 @@ def _run(fn, args):
         return fn(*args)
 
 
-def _to_beta(sums: torch.Tensor, n: int, full: bool) -> torch.Tensor:
+def beta_from_sums(sums: torch.Tensor, n: int, full: bool) -> torch.Tensor:
+    """The pivoted Gram (N, N) fp64 from its upper triangle's sums, row-major (full=False: from row 1)."""
     # built from Python floats: a handful of tiny tensor ops would cost more than the kernel on
     # a small key (the caller reads the values back anyway)
     vals = iter(sums.tolist())

@@ -54,6 +54,7 @@ from .errors import MergeInputError
 from .gram import (TINY_GRAM, block_products, chunk_products, compute_dtype, default_chunk, finish_products,
                    locate_nonfinite, map_pivoted, rescale_exponent, scale_pow2_, scratch)
 from .inputs import check_params, check_weights
+from .threads import intra_op_threads
 
 DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
 TIE = 2.0 ** -18  # relative: above the fp32 election sum's rounding for up to 12 inputs (~13·2^-24)
@@ -300,15 +301,9 @@ class _Key:
                 return None
             sums.append(got[0])
             counts.append(got[1])
-        with torch.no_grad(), fused.intra_op_threads(1):  # one summation order whatever the threads
+        with intra_op_threads(1):  # one summation order whatever the threads
             self.kept_count += torch.cat(counts, 1).double().sum(1)
-            total = torch.cat(sums, 1).double().sum(1).tolist()
-        beta = torch.zeros(n, n, dtype=torch.float64)
-        vals = iter(total)
-        for r in range(1, n):
-            for q in range(r, n):
-                beta[r, q] = beta[q, r] = next(vals)
-        return beta
+            return fused.beta_from_sums(torch.cat(sums, 1).double().sum(1), n, full=False)
 
     def _chunks(self, elect: bool, start: int = 0):
         n, chunk, cdt, dev = len(self.flat), self.chunk, self.cdt, self.flat[0].device

@@ -138,13 +138,18 @@ def test_not_applicable_inputs_take_the_eager_kernel(fused_on):
         assert torch.equal(_gram("fused", fused_on, xs, b, full=full), _gram("eager", fused_on, xs, b, full=full))
 
 
-def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
+def _without_a_compiler(monkeypatch):
+    """A fresh fused module state whose every compile fails, as on a machine without a C++ compiler."""
     def no_compiler(*a, **k):
         raise RuntimeError("no C++ compiler found")
 
     for name, value in (("_compiled", {}), ("_ready", set()), ("_failed", [])):
         monkeypatch.setattr(fused, name, value)
     monkeypatch.setattr(fused.torch, "compile", no_compiler)
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
+    _without_a_compiler(monkeypatch)
     xs = _models(3, torch.float16, SIZES[1])
     ref = _gram("eager", monkeypatch, xs)
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
@@ -285,12 +290,7 @@ def test_sign_elected_with_a_drop_or_five_inputs_is_eager(fused_on):
 
 
 def test_sign_elected_compile_failure_falls_back_to_eager(monkeypatch, caplog):
-    def no_compiler(*a, **k):
-        raise RuntimeError("no C++ compiler found")
-
-    for name, value in (("_compiled", {}), ("_ready", set()), ("_failed", [])):
-        monkeypatch.setattr(fused, name, value)
-    monkeypatch.setattr(fused.torch, "compile", no_compiler)
+    _without_a_compiler(monkeypatch)
     xs, base = _task_vectors(3, torch.float16, SIZES[1], seed=3)
     ref, ref_rec = _sign_elected("eager", monkeypatch, xs, base)
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
