@@ -366,8 +366,8 @@ class _Key:
                 self.kept_count.zero_()
                 self.fused_m = 0
             fused_beta = self._fused_gram() if self.fused_m else None
-            if fused_beta is None:
-                self.fused_m = 0  # compiling failed (fused.py warned): eager from the start
+            if fused_beta is None:  # no fused part, or compiling failed (fused.py warned): all eager
+                self.fused_m = 0
             nchunks = max(1, -(-(self.numel - self.fused_m) // self.chunk))
             parts = torch.zeros(nchunks, n - 1 + full, n - 1 + full, dtype=cdt, device=dev)
             for j, (a, e, t, _, _) in enumerate(self._chunks(elect=True, start=self.fused_m)):
