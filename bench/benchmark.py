@@ -12,7 +12,8 @@ Sections (rows of the one table):
   methods (they always write the tensors): the element median with equal weights and with weights
   1,2,3 (different code paths), the sign-elected one with and without a DARE drop, as the engine
   runs it (SignElectedGroup: the Grams of consecutive keys solved together) and, without a drop,
-  one key at a time (a solve per key, as before 2026-11-24) and with the fused kernels. Peak RAM = extra RSS while the step runs.
+  one key at a time (a solve per key, as before 2026-11-24) and, with and without the drop, with
+  the fused kernels. Peak RAM = extra RSS while the step runs.
 - peers, on every 50th key (same tensors, equal weights): sd-mecha 1.1.8's geometric_median (in
   process) and mergekit 0.1.5's karcher (its own venv, .venv-peers), fp16 inputs, against ours.
 - ComfyUI end to end (the PyPI snapshot, or COMFYUI_DIR): POST /prompt -> the KSampler's first
@@ -188,14 +189,17 @@ def kernel_section(table, fraction, rounds, device="cpu"):
                               bench_kernels.with_kernels("fused", linear(method, "tensor", False))))
             big = max(range(len(keys)), key=lambda j: keys[j][0].numel())
 
-            def compile_sign_elected():  # here, not in the timed step
-                group = SignElectedGroup(3)
-                group.add(keys[big], bases[big], key=names[big], out_dtype=keys[big][0].dtype)
-                group.finish()
+            def compile_sign_elected():  # here, not in the timed steps
+                for drop_rate in (0.0, 0.3):
+                    group = SignElectedGroup(3, drop_rate=drop_rate)
+                    group.add(keys[big], bases[big], key=names[big], out_dtype=keys[big][0].dtype)
+                    group.finish()
 
             bench_kernels.with_kernels("fused", compile_sign_elected)()
             steps.append(("sign-elected median (base, drop 0), fused kernels",
                           bench_kernels.with_kernels("fused", sign_elected())))
+            steps.append(("sign-elected median (base, drop 0.3), fused kernels",
+                          bench_kernels.with_kernels("fused", sign_elected(0.3))))
         elif dev.type == "cpu":
             table.add(section, "fused kernels", None, None, None, "", f"unavailable: {fused_why}")
         results = {name: measured(fn, rounds if "element" not in name and "sign" not in name else 1)

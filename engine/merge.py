@@ -142,7 +142,7 @@ def merge(sources: list[Source], *, method: str, weights="", base: Source | None
         report["units"] = _unit_report(unit_names, coeffs, record)
     else:
         if info.tensor_group is not None and dev.type == "cpu":  # the sign-elected median's Gram pass
-            report["cpu_gram_kernel"] = fused_kernels.status(n, float(params.get("drop_rate", 0.0)))
+            report["cpu_gram_kernel"] = fused_kernels.status(n)
             if not fused_kernels.enabled():
                 fused_kernels.suggest_once(n)
         report["units"] = _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, dev)

@@ -123,17 +123,14 @@ def failure() -> str | None:
     return _failed[0] if _failed else None
 
 
-def status(n_inputs: int | None = None, drop: float = 0.0) -> str:
-    """One line for reports and logs: which CPU Gram kernel runs for a merge of n_inputs (with a
-    DARE drop: the sign-elected median's fused loops take none), and why."""
+def status(n_inputs: int | None = None) -> str:
+    """One line for reports and logs: which CPU Gram kernel runs for a merge of n_inputs, and why."""
     if _failed:
         return f"eager (fused kernels failed to compile: {_failed[0]})"
     if not enabled():
         return "eager"
     if n_inputs is not None and not 2 <= n_inputs <= MAX_INPUTS:
         return f"eager (the fused kernels take 2-{MAX_INPUTS} inputs)"
-    if drop > 0:
-        return "eager (the fused kernels take no drop_rate)"
     return "fused"
 
 

@@ -27,8 +27,9 @@ private. The masks are the same on CPU and CUDA and for any chunk size, so a mer
 differs between devices only by rounding. (Before 2026-11-23 they came from a torch.Generator on
 the compute device, whose stream differed between CPU and CUDA.)
 Identical inputs with drop_rate 0 return the input (strength 1) bit-exactly.
-With BARYCENTER_CPU_KERNELS=fused (fused.py), 2-4 inputs and a base of one dtype and no drop, each
-pass over a key's whole sub-blocks is one compiled loop (FUSED_BLOCKS below); the numbers are there.
+With BARYCENTER_CPU_KERNELS=fused (fused.py) and 2-4 inputs and a base of one dtype (with a drop:
+a key whose masks are kept), each pass over a key's whole sub-blocks is one compiled loop
+(FUSED_BLOCKS below); the numbers are there.
 The engine merges a model's keys through a SignElectedGroup: each key's election and Gram pass
 as it is read, the Grams of consecutive keys (up to GROUP_ELEMS entries) solved in one batch on
 the CPU, then each combined. The same bits as one key at a time (SD1.5 shapes, 3 fp16 models,
@@ -64,21 +65,31 @@ GROUP_ELEMS = 1 << 24  # entries of the keys a SignElectedGroup solves together 
 
 
 # Opt-in fused CPU loops (BARYCENTER_CPU_KERNELS=fused, fused.py) for 2..fused.MAX_INPUTS inputs
-# and a base of one dtype, without a drop: per call FUSED_BLOCKS sub-blocks of the key, the
+# and a base of one dtype (a drop's masks hashed eagerly into the kept masks, then read by both
+# loops: the int32 hash relies on wrap-around, which compiled C++ does not promise); per call
+# FUSED_BLOCKS sub-blocks of the key, the
 # election, u_i, the centred products per sub-block and the kept counts in one compiled call
 # (inductor makes it two loops: γ, then the rest over rows still in cache), and the combine in
 # another, instead of ~35 eager ops over each chunk. The same arithmetic as _chunks (signs, u,
 # products summed in fp32 per sub-block of fused.SUB_BLOCK, then in fp64 on one thread); results
 # differ from the eager kernel's by rounding (summation order, fused multiply-adds) only, and do
 # not depend on the thread count or FUSED_BLOCKS. A quarter of SD1.5's keys (327M entries), 3
-# inputs + base, one thread, A/B of 2026-11-24: fp32 3.2-4.3 s -> 1.5-1.8 s, fp16 3.1-3.4 -> 1.0-1.5.
+# inputs + base, one thread, A/B of 2026-11-24: fp32 3.2-4.3 s -> 1.5-1.8 s, fp16 3.1-3.4 -> 1.0-1.5;
+# drop 0.3, fp16: 5.4-5.7 -> 2.9-3.1 s.
 FUSED_BLOCKS = 1024  # sub-blocks per call: 256-8192 took the same time (2^20 entries; ~0.1 ms a call)
 
 
-def _fused_rows(w, b, xs):
-    """(u_i = max(τ_i γ, 0) for each input, γ) of one chunk, as _chunks computes them."""
+def _task_vectors(b, xs, masks, scale):
+    """τ_i of one chunk, with a drop its kept entries rescaled (masks: uint8 rows, scale: (1,))."""
     bf = b.float()
-    t = [x.float() - bf for x in xs]
+    if masks is None:
+        return [x.float() - bf for x in xs]
+    return [(x.float() - bf) * m.float() * scale[0] for x, m in zip(xs, masks)]
+
+
+def _fused_rows(w, b, xs, masks=None, scale=None):
+    """(u_i = max(τ_i γ, 0) for each input, γ) of one chunk, as _chunks computes them."""
+    t = _task_vectors(b, xs, masks, scale)
     g = w[0] * t[0]
     mag = w[0] * t[0].abs()
     for i in range(1, len(t)):
@@ -88,10 +99,10 @@ def _fused_rows(w, b, xs):
     return [torch.clamp(ti * gamma, min=0) for ti in t], gamma
 
 
-def _fused_elect(w, b, signs, xs):
+def _fused_elect(w, b, signs, xs, masks=None, scale=None):
     """-> (pair sums of the pivoted differences u_i - u_1 per sub-block (P, blocks), upper triangle
     row-major; kept counts per sub-block (N, blocks)); γ written into signs (int8)."""
-    u, gamma = _fused_rows(w, b, xs)
+    u, gamma = _fused_rows(w, b, xs, masks, scale)
     signs.copy_(gamma.to(torch.int8))
     d = [ui - u[0] for ui in u[1:]]
     sums = torch.stack([(d[r] * d[q]).sum(1) for r in range(len(d)) for q in range(r, len(d))])
@@ -99,14 +110,14 @@ def _fused_elect(w, b, signs, xs):
     return sums, counts
 
 
-def _fused_combine(c, b, signs, out, xs):
+def _fused_combine(c, b, signs, out, xs, masks=None, scale=None):
     """out = base + γ Σ c_i u_i, computed in fp32 (γ from the Gram pass), rounded once."""
-    bf = b.float()
+    t = _task_vectors(b, xs, masks, scale)
     gamma = signs.float()
-    v = c[0] * torch.clamp((xs[0].float() - bf) * gamma, min=0)
-    for i in range(1, len(xs)):
-        v = v + c[i] * torch.clamp((xs[i].float() - bf) * gamma, min=0)
-    return out.copy_((bf + gamma * v).to(out.dtype))  # out itself: run_variant's None means failure
+    v = c[0] * torch.clamp(t[0] * gamma, min=0)
+    for i in range(1, len(t)):
+        v = v + c[i] * torch.clamp(t[i] * gamma, min=0)
+    return out.copy_((b.float() + gamma * v).to(out.dtype))  # out itself: run_variant's None means failure
 
 
 # one function per N and step (torch.compile's cache is per function: see fused.py)
@@ -134,14 +145,45 @@ def _combine4(c, b, signs, out, x1, x2, x3, x4):
     return _fused_combine(c, b, signs, out, [x1, x2, x3, x4])
 
 
-for _n, _e, _c in ((2, _elect2, _combine2), (3, _elect3, _combine3), (4, _elect4, _combine4)):
-    fused.register(("sign_elected", _n), _e, f"sign-elected median kernel for {_n} inputs (election and Gram")
-    fused.register(("sign_elected_combine", _n), _c, f"sign-elected median kernel for {_n} inputs (combine")
+# with a DARE drop: the keep masks (uint8 rows, hashed by dare.py) and 1/q come in too
+def _elect_drop2(w, scale, b, signs, m1, m2, x1, x2):
+    return _fused_elect(w, b, signs, [x1, x2], [m1, m2], scale)
 
 
-def fused_entries(flat, fb, numel: int, drop: float) -> int:
-    """Entries [0, m) of a key that the fused loops take (whole sub-blocks), 0 for none."""
-    if drop > 0 or len(flat) < 2 or not fused.applicable(list(flat) + [fb], numel, fused.MAX_INPUTS + 1):
+def _elect_drop3(w, scale, b, signs, m1, m2, m3, x1, x2, x3):
+    return _fused_elect(w, b, signs, [x1, x2, x3], [m1, m2, m3], scale)
+
+
+def _elect_drop4(w, scale, b, signs, m1, m2, m3, m4, x1, x2, x3, x4):
+    return _fused_elect(w, b, signs, [x1, x2, x3, x4], [m1, m2, m3, m4], scale)
+
+
+def _combine_drop2(c, scale, b, signs, out, m1, m2, x1, x2):
+    return _fused_combine(c, b, signs, out, [x1, x2], [m1, m2], scale)
+
+
+def _combine_drop3(c, scale, b, signs, out, m1, m2, m3, x1, x2, x3):
+    return _fused_combine(c, b, signs, out, [x1, x2, x3], [m1, m2, m3], scale)
+
+
+def _combine_drop4(c, scale, b, signs, out, m1, m2, m3, m4, x1, x2, x3, x4):
+    return _fused_combine(c, b, signs, out, [x1, x2, x3, x4], [m1, m2, m3, m4], scale)
+
+
+for _n, _fns in ((2, (_elect2, _combine2, _elect_drop2, _combine_drop2)),
+                 (3, (_elect3, _combine3, _elect_drop3, _combine_drop3)),
+                 (4, (_elect4, _combine4, _elect_drop4, _combine_drop4))):
+    for _step, _fn in zip(("sign_elected", "sign_elected_combine", "sign_elected_drop", "sign_elected_drop_combine"),
+                          _fns):
+        fused.register((_step, _n), _fn, f"sign-elected median kernel for {_n} inputs ("
+                       f"{'combine' if _step.endswith('combine') else 'election and Gram'}"
+                       f"{', with a drop' if 'drop' in _step else ''}")
+
+
+def fused_entries(flat, fb, numel: int, masks_kept: bool = True) -> int:
+    """Entries [0, m) of a key that the fused loops take (whole sub-blocks), 0 for none. With a
+    drop only where its masks are kept between the passes (masks_kept; see KEPT_MASK_BYTES)."""
+    if not masks_kept or len(flat) < 2 or not fused.applicable(list(flat) + [fb], numel, fused.MAX_INPUTS + 1):
         return 0
     return (numel // fused.SUB_BLOCK) * fused.SUB_BLOCK
 
@@ -276,27 +318,36 @@ class _Key:
         self.kept_masks = kept_masks
         self.kept_count = torch.zeros(n, dtype=torch.float64, device=dev)
         # entries [0, fused_m) go through the fused loops (fused_entries), the rest through _chunks
-        self.fused_m = fused_entries(self.flat, self.fb, numel, group.p)
+        self.fused_m = fused_entries(self.flat, self.fb, numel, self.drop is None or kept_masks is not None)
         self.gram = self._gram()
 
-    def _fused_calls(self, variant: str, params, outs):
-        """The compiled `variant` over the entries [0, fused_m), FUSED_BLOCKS sub-blocks a call,
-        writing into the flat tensors outs: (start, end, its result) each; None from the first
-        when compiling failed."""
+    def _fused_calls(self, step: str, param, outs, elect: bool = False):
+        """The compiled loop of `step` over the entries [0, fused_m), FUSED_BLOCKS sub-blocks a
+        call, writing into the flat tensors outs: (start, end, its result) each; None from the
+        first when compiling failed. With a drop the keep masks come in (hashed first when elect)."""
         blocks, n = self.fused_m // fused.SUB_BLOCK, len(self.flat)
-        step = FUSED_BLOCKS * fused.SUB_BLOCK
-        for a in range(0, self.fused_m, step):
-            e = min(self.fused_m, a + step)
+        size = FUSED_BLOCKS * fused.SUB_BLOCK
+        drop, params, masks = self.drop, [param], []
+        if drop is not None:
+            step = step.replace("sign_elected", "sign_elected_drop")
+            params.append(torch.tensor([drop.scale], dtype=torch.float32))
+            masks = list(self.kept_masks)  # a row per input
+        for a in range(0, self.fused_m, size):
+            e = min(self.fused_m, a + size)
+            if drop is not None:
+                if elect:  # in pieces whose int32 hash rows stay in cache (DROP_CPU_CHUNK)
+                    for h in range(a, e, DROP_CPU_CHUNK):
+                        drop.keep(h, min(e, h + DROP_CPU_CHUNK), self.kept_masks[:, h: min(e, h + DROP_CPU_CHUNK)])
             rows = min(FUSED_BLOCKS, blocks - a // fused.SUB_BLOCK)
-            views = [x[a:e].view(rows, fused.SUB_BLOCK) for x in [self.fb, *outs, *self.flat]]
-            yield a, e, fused.run_variant((variant, n), [*params, *views])
+            views = [x[a:e].view(rows, fused.SUB_BLOCK) for x in [self.fb, *outs, *masks, *self.flat]]
+            yield a, e, fused.run_variant((step, n), [*params, *views])
 
     def _fused_gram(self) -> torch.Tensor | None:
         """The fused loops' part of the pivoted Gram (N, N), fp64 (row and column 0 zero), their
         signs stored and kept counts added; None when compiling failed."""
         n, wd = len(self.flat), self.wd.float()
         sums, counts = [], []
-        for _, _, got in self._fused_calls("sign_elected", [wd], [self.signs]):
+        for _, _, got in self._fused_calls("sign_elected", wd, [self.signs], elect=True):
             if got is None:
                 return None
             sums.append(got[0])
@@ -408,7 +459,7 @@ class _Key:
         out = torch.empty(self.xs[0].shape, dtype=odt if odt in WRITABLE else cdt, device=dev)
         fo = out.view(-1)
         start = 0  # the fused loop's part; the rest (or all, if it failed to compile) eager, from the same signs
-        for _, e, got in self._fused_calls("sign_elected_combine", [cc.float()], [self.signs, fo]) if self.fused_m else ():
+        for _, e, got in self._fused_calls("sign_elected_combine", cc.float(), [self.signs, fo]) if self.fused_m else ():
             if got is None:
                 break
             start = e

@@ -62,23 +62,25 @@ def test_fused_kernels_in_comfyui_equal_the_kernel_result(fused_server, node):
     assert_linear_close(unet(saved_checkpoint(fused_server, prefix)), expected, scale)
 
 
-def test_fused_sign_elected_median_in_comfyui_equals_the_kernel_result(fused_server, monkeypatch):
+@pytest.mark.parametrize("drop", [0.0, 0.2])
+def test_fused_sign_elected_median_in_comfyui_equals_the_kernel_result(fused_server, monkeypatch, drop):
     names, xs = family([1, 2, 3])
     base_name, base = base_files()
-    _, settings = NODES["BarycenterSignElectedMedian"]
+    settings = {**NODES["BarycenterSignElectedMedian"][1], "drop_rate": drop, "drop_seed": 3}
     g = Graph()
     loaders = [load_checkpoint(g, n) for n in names + [base_name]]
     merged = merge_node(g, "BarycenterSignElectedMedian", [Graph.out(l, 0) for l in loaders[:3]], **settings,
                         base_model=Graph.out(loaders[3], 0), device="cpu")
     report_id = capture(g, merged)
-    prefix = "checkpoints/fused_sign_elected"
+    prefix = f"checkpoints/fused_sign_elected_{drop}"
     g.add("CheckpointSave", model=Graph.out(merged, 0), clip=Graph.out(loaders[0], 1),
           vae=Graph.out(loaders[0], 2), filename_prefix=prefix)
     run = fused_server.client.run(g.prompt(), timeout=600)
     assert run.status == "success", run.error_text
     assert captured(run, report_id)["cpu_gram_kernel"] == "fused"
     log = fused_server.log_path.read_text(errors="replace")
-    assert "compiling the fused CPU sign-elected median kernel for 3 inputs" in log
+    compiled = "compiling the fused CPU sign-elected median kernel for 3 inputs (election and Gram"
+    assert compiled + (", with a drop" if drop else ", float32") in log
     saved = unet(saved_checkpoint(fused_server, prefix))
     monkeypatch.setenv("BARYCENTER_CPU_KERNELS", "eager")  # the reference: the eager kernel, here
     w = parse_weights("", 3)
@@ -86,9 +88,9 @@ def test_fused_sign_elected_median_in_comfyui_equals_the_kernel_result(fused_ser
     assert xs[0][large[0]].numel() >= 1 << 20
     for k in large + list(xs[0])[::11]:
         held = [as_held(x[k], saved[k].dtype).float() for x in xs + [base]]
-        exp, _ = sign_elected_median(held[:3], held[3], w, strength=1.0, key="diffusion_model." + k,
-                                     tol=settings["tolerance"], max_iter=settings["max_iterations"],
-                                     eps=settings["eps"])
+        exp, _ = sign_elected_median(held[:3], held[3], w, strength=1.0, drop_rate=drop, seed=3,
+                                     key="diffusion_model." + k, tol=settings["tolerance"],
+                                     max_iter=settings["max_iterations"], eps=settings["eps"])
         # rounding only (fused.py): fp32 sums in another order and an elected sign that flips
         # within the tie margin (2^-18 of the entry's weighted magnitude)
         err = (saved[k].double() - exp.double()).abs()
