@@ -38,28 +38,35 @@ def fused_server(host, checkpoints_dir, tmp_path_factory):
         srv.stop()
 
 
+def _merge_and_save_on_cpu(server, node, names, settings, prefix, base_name=None):
+    """Run the merge node on the CPU (the fused kernels are CPU kernels: a GPU host would otherwise
+    merge on its GPU) and save it; the report must say the fused kernels ran. -> the saved UNet."""
+    g = Graph()
+    loaders = [load_checkpoint(g, n) for n in names]
+    if base_name is not None:
+        settings = {**settings, "base_model": Graph.out(load_checkpoint(g, base_name), 0)}
+    merged = merge_node(g, node, [Graph.out(l, 0) for l in loaders], **settings, device="cpu")
+    report_id = capture(g, merged)
+    g.add("CheckpointSave", model=Graph.out(merged, 0), clip=Graph.out(loaders[0], 1),
+          vae=Graph.out(loaders[0], 2), filename_prefix=prefix)
+    run = server.client.run(g.prompt(), timeout=600)
+    assert run.status == "success", run.error_text
+    assert captured(run, report_id)["cpu_gram_kernel"] == "fused"
+    return unet(saved_checkpoint(server, prefix))
+
+
 @pytest.mark.parametrize("node", ["BarycenterGeometricMedian", "BarycenterKarcherMean"])
 def test_fused_kernels_in_comfyui_equal_the_kernel_result(fused_server, node):
     method, settings = NODES[node]
     names, xs = family([1, 2, 3])
     assert max(t.numel() for t in xs[0].values()) >= 1 << 20, "no key large enough for the fused kernel"
-    g = Graph()
-    loaders = [load_checkpoint(g, n) for n in names]
-    # device cpu: the fused kernels are CPU kernels (a GPU host would otherwise merge on its GPU)
-    merged = merge_node(g, node, [Graph.out(l, 0) for l in loaders], **settings, device="cpu")
-    report_id = capture(g, merged)
-    prefix = f"checkpoints/fused_{node}"
-    g.add("CheckpointSave", model=Graph.out(merged, 0), clip=Graph.out(loaders[0], 1),
-          vae=Graph.out(loaders[0], 2), filename_prefix=prefix)
-    run = fused_server.client.run(g.prompt(), timeout=600)
-    assert run.status == "success", run.error_text
-    assert captured(run, report_id)["cpu_gram_kernel"] == "fused"
+    saved = _merge_and_save_on_cpu(fused_server, node, names, settings, f"checkpoints/fused_{node}")
     log = fused_server.log_path.read_text(errors="replace").splitlines()
     # (the sign-elected median's loops are compiled at their first use: not warmed up)
     assert not [l for l in log if "Gram kernel" in l and FIRST_USE in l], \
         "a merge compiled a kernel that the startup warm-up should have"
     expected, _, scale = expected_linear(method, xs, settings)
-    assert_linear_close(unet(saved_checkpoint(fused_server, prefix)), expected, scale)
+    assert_linear_close(saved, expected, scale)
 
 
 @pytest.mark.parametrize("drop", [0.0, 0.2])
@@ -67,21 +74,11 @@ def test_fused_sign_elected_median_in_comfyui_equals_the_kernel_result(fused_ser
     names, xs = family([1, 2, 3])
     base_name, base = base_files()
     settings = {**NODES["BarycenterSignElectedMedian"][1], "drop_rate": drop, "drop_seed": 3}
-    g = Graph()
-    loaders = [load_checkpoint(g, n) for n in names + [base_name]]
-    merged = merge_node(g, "BarycenterSignElectedMedian", [Graph.out(l, 0) for l in loaders[:3]], **settings,
-                        base_model=Graph.out(loaders[3], 0), device="cpu")
-    report_id = capture(g, merged)
-    prefix = f"checkpoints/fused_sign_elected_{drop}"
-    g.add("CheckpointSave", model=Graph.out(merged, 0), clip=Graph.out(loaders[0], 1),
-          vae=Graph.out(loaders[0], 2), filename_prefix=prefix)
-    run = fused_server.client.run(g.prompt(), timeout=600)
-    assert run.status == "success", run.error_text
-    assert captured(run, report_id)["cpu_gram_kernel"] == "fused"
+    saved = _merge_and_save_on_cpu(fused_server, "BarycenterSignElectedMedian", names, settings,
+                                   f"checkpoints/fused_sign_elected_{drop}", base_name=base_name)
     log = fused_server.log_path.read_text(errors="replace")
     compiled = "compiling the fused CPU sign-elected median kernel for 3 inputs (election and Gram"
     assert compiled + (", with a drop" if drop else ", float32") in log
-    saved = unet(saved_checkpoint(fused_server, prefix))
     monkeypatch.setenv("BARYCENTER_CPU_KERNELS", "eager")  # the reference: the eager kernel, here
     w = parse_weights("", 3)
     large = sorted(xs[0], key=lambda k: -xs[0][k].numel())[:4]  # keys the fused loops take
