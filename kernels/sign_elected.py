@@ -170,14 +170,13 @@ def _combine_drop4(c, scale, b, signs, out, m1, m2, m3, m4, x1, x2, x3, x4):
     return _fused_combine(c, b, signs, out, [x1, x2, x3, x4], [m1, m2, m3, m4], scale)
 
 
-for _n, _fns in ((2, (_elect2, _combine2, _elect_drop2, _combine_drop2)),
-                 (3, (_elect3, _combine3, _elect_drop3, _combine_drop3)),
-                 (4, (_elect4, _combine4, _elect_drop4, _combine_drop4))):
-    for _step, _fn in zip(("sign_elected", "sign_elected_combine", "sign_elected_drop", "sign_elected_drop_combine"),
-                          _fns):
-        fused.register((_step, _n), _fn, f"sign-elected median kernel for {_n} inputs ("
-                       f"{'combine' if _step.endswith('combine') else 'election and Gram'}"
-                       f"{', with a drop' if 'drop' in _step else ''}")
+_LOOPS = {("elect", False): (_elect2, _elect3, _elect4), ("combine", False): (_combine2, _combine3, _combine4),
+          ("elect", True): (_elect_drop2, _elect_drop3, _elect_drop4),
+          ("combine", True): (_combine_drop2, _combine_drop3, _combine_drop4)}
+for (_step, _drop), _fns in _LOOPS.items():
+    for _n, _fn in zip((2, 3, 4), _fns):  # variant: ("sign_elected", step, N, with a drop)
+        fused.register(("sign_elected", _step, _n, _drop), _fn, f"sign-elected median kernel for {_n} inputs "
+                       f"({'election and Gram' if _step == 'elect' else 'combine'}{', with a drop' if _drop else ''}")
 
 
 def fused_entries(flat, fb, numel: int, masks_kept: bool = True) -> int:
@@ -321,33 +320,33 @@ class _Key:
         self.fused_m = fused_entries(self.flat, self.fb, numel, self.drop is None or kept_masks is not None)
         self.gram = self._gram()
 
-    def _fused_calls(self, step: str, param, outs, elect: bool = False):
-        """The compiled loop of `step` over the entries [0, fused_m), FUSED_BLOCKS sub-blocks a
-        call, writing into the flat tensors outs: (start, end, its result) each; None from the
-        first when compiling failed. With a drop the keep masks come in (hashed first when elect)."""
+    def _fused_calls(self, step: str, param, outs):
+        """The compiled loop of `step` ("elect" or "combine") over the entries [0, fused_m),
+        FUSED_BLOCKS sub-blocks a call, writing into the flat tensors outs: (start, end, its result)
+        each; None from the first when compiling failed. With a drop the keep masks come in
+        (hashed first by the elect step, into the kept masks the combine reads)."""
         blocks, n = self.fused_m // fused.SUB_BLOCK, len(self.flat)
         size = FUSED_BLOCKS * fused.SUB_BLOCK
         drop, params, masks = self.drop, [param], []
         if drop is not None:
-            step = step.replace("sign_elected", "sign_elected_drop")
             params.append(torch.tensor([drop.scale], dtype=torch.float32))
             masks = list(self.kept_masks)  # a row per input
         for a in range(0, self.fused_m, size):
             e = min(self.fused_m, a + size)
-            if drop is not None:
-                if elect:  # in pieces whose int32 hash rows stay in cache (DROP_CPU_CHUNK)
-                    for h in range(a, e, DROP_CPU_CHUNK):
-                        drop.keep(h, min(e, h + DROP_CPU_CHUNK), self.kept_masks[:, h: min(e, h + DROP_CPU_CHUNK)])
+            if drop is not None and step == "elect":  # in pieces whose int32 hash rows stay in cache
+                for h in range(a, e, DROP_CPU_CHUNK):
+                    he = min(e, h + DROP_CPU_CHUNK)
+                    drop.keep(h, he, self.kept_masks[:, h:he])
             rows = min(FUSED_BLOCKS, blocks - a // fused.SUB_BLOCK)
             views = [x[a:e].view(rows, fused.SUB_BLOCK) for x in [self.fb, *outs, *masks, *self.flat]]
-            yield a, e, fused.run_variant((step, n), [*params, *views])
+            yield a, e, fused.run_variant(("sign_elected", step, n, drop is not None), [*params, *views])
 
     def _fused_gram(self) -> torch.Tensor | None:
         """The fused loops' part of the pivoted Gram (N, N), fp64 (row and column 0 zero), their
         signs stored and kept counts added; None when compiling failed."""
-        n, wd = len(self.flat), self.wd.float()
+        n = len(self.flat)
         sums, counts = [], []
-        for _, _, got in self._fused_calls("sign_elected", wd, [self.signs], elect=True):
+        for _, _, got in self._fused_calls("elect", self.wd, [self.signs]):
             if got is None:
                 return None
             sums.append(got[0])
@@ -459,7 +458,7 @@ class _Key:
         out = torch.empty(self.xs[0].shape, dtype=odt if odt in WRITABLE else cdt, device=dev)
         fo = out.view(-1)
         start = 0  # the fused loop's part; the rest (or all, if it failed to compile) eager, from the same signs
-        for _, e, got in self._fused_calls("sign_elected_combine", cc.float(), [self.signs, fo]) if self.fused_m else ():
+        for _, e, got in self._fused_calls("combine", cc, [self.signs, fo]) if self.fused_m else ():
             if got is None:
                 break
             start = e

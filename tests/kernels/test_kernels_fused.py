@@ -243,7 +243,8 @@ def test_fused_sign_elected_equals_eager(fused_on, n, dtype, size):
     xs, base = _task_vectors(n, dtype, size, seed=n)
     w = torch.tensor([1.0, 2.0, 3.0, 4.0][:n])
     got, rec = _sign_elected("fused", fused_on, xs, base, w)
-    assert ("sign_elected", n, dtype) in fused._ready and ("sign_elected_combine", n, dtype) in fused._ready
+    assert ("sign_elected", "elect", n, False, dtype) in fused._ready
+    assert ("sign_elected", "combine", n, False, dtype) in fused._ready
     ref, ref_rec = _sign_elected("eager", fused_on, xs, base, w)
     assert got.dtype == dtype
     # rounding only: fp32 sums in another order, fused multiply-adds, and an elected sign that
@@ -283,7 +284,8 @@ def test_fused_sign_elected_nan_names_model_and_key(fused_on):
 def test_fused_sign_elected_with_a_drop_equals_eager(fused_on):
     xs, base = _task_vectors(3, torch.float16, SIZES[1], seed=4)
     got, rec = _sign_elected("fused", fused_on, xs, base, drop_rate=0.3, seed=1)
-    assert ("sign_elected_drop", 3, torch.float16) in fused._ready
+    assert ("sign_elected", "elect", 3, True, torch.float16) in fused._ready
+    assert ("sign_elected", "combine", 3, True, torch.float16) in fused._ready
     ref, ref_rec = _sign_elected("eager", fused_on, xs, base, drop_rate=0.3, seed=1)
     tau = max(float((x.float() - base.float()).abs().max()) for x in xs) / 0.7
     err = (got.float() - ref.float()).abs()
