@@ -14,7 +14,7 @@ import torch
 from harness.checkpoints import checkpoint, load_state_dict
 from harness.graphs import Graph, conditioning, load_checkpoint, merge_node, sample_and_save
 from harness.server import gpu_host
-from kernels import (combine, element_median, gram_matrix, parse_weights, scope_units, sign_elected_median,
+from kernels import (GramPass, combine, element_median, parse_weights, scope_units, sign_elected_median,
                      solve, task_vector_coefficients)
 from tests.host.helpers import (as_held, assert_non_degenerate, ckpt, image_array, saved_checkpoint, storage_eps,
                                 storage_rounding, unet)
@@ -62,8 +62,14 @@ def expected_linear(method, xs, settings, weights="", base=None, strength=1.0):
     names = ["diffusion_model." + k for k in keys]
     units = scope_units(names, settings.get("scope", "tensor"))
     w = parse_weights(weights, len(xs))
-    grams = torch.stack([gram_matrix([x[k].float() for x in xs], None if base is None else base[k].float())
-                         for k in keys])
+    # the engine's Gram pass (GramPass, centred-only for the geometric median): the same Grams, so
+    # the solver takes the same steps (Grams differing by rounding move the coefficients by up to
+    # its tolerance, more than the roundings checked below)
+    pass_ = GramPass(len(keys), full=method != "geometric_median",
+                     reread=lambda j: ([x[keys[j]].float() for x in xs], None if base is None else base[keys[j]].float()))
+    for j, k in enumerate(keys):
+        pass_.add(j, [x[k].float() for x in xs], None if base is None else base[k].float(), k)
+    grams = pass_.result()
     unit_grams = torch.stack([grams[idx].sum(0) for idx in units])
     params = {"tol": settings["tolerance"], "max_iter": settings["max_iterations"]}
     if "eps" in settings:

@@ -67,16 +67,57 @@ def test_zero_point_made_exact_like_gram_matrix():
 
 
 @pytest.mark.parametrize("full", [True, False])
-def test_small_key_with_overflowing_products_rescaled_quietly(full):
-    """fp32 products of a small key overflow (inf - inf = nan in its batch sums): the key is
-    flagged and recomputed like gram_matrix, with no RuntimeWarning (pytest.ini makes one fail)."""
+@pytest.mark.parametrize("size", [320, 80_000])  # a small key, a medium one
+def test_batched_key_with_overflowing_products_rescaled_quietly(full, size):
+    """fp32 products of a batched key overflow (inf - inf = nan in its batch sums): the key is
+    flagged and recomputed like gram_matrix, with no RuntimeWarning (pytest.ini makes one fail);
+    the keys batched with it keep their own Grams."""
     keys = _keys(3, torch.float32, seed=4)
-    j = next(i for i, (xs, _) in enumerate(keys) if xs[0].numel() == 320)
+    j = next(i for i, (xs, _) in enumerate(keys) if xs[0].numel() == size)
     keys[j] = ([x * 2.0 ** 80 for x in keys[j][0]], None)  # the differences overflow too
     got = _pass(keys, full)
     ref = gram_matrix([x.double() for x in keys[j][0]], None, full=full)
     assert bool(torch.isfinite(got[j]).all())
     assert _rel(got[j][1:, 1:], ref[1:, 1:]) < 1e-6
+    for i, (xs, b) in enumerate(keys):
+        if i != j:
+            assert _rel(got[i][1:, 1:], gram_matrix(xs, b, full=full)[1:, 1:]) < 1e-6, i
+
+
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("base", [False, True])
+@pytest.mark.parametrize("reread", [False, True])
+def test_medium_keys_batched_per_kind(monkeypatch, full, base, reread):
+    """Keys above SMALL_KEY within one chunk go through medium batches; keys whose inputs are all
+    fp32 (differences straight from them) and keys with an fp16 input (converted first: a LoRA'd
+    input is an fp32 copy beside fp16 stored weights) never share one; sizes off the sub-block."""
+    from kernels import gram_pass
+
+    batches = []
+    real = gram_pass._medium_batch_products
+
+    def spy(groups, bases, full):
+        # each key: are the values its rows are made of all fp32 (the centred kind never reads the base)?
+        batches.append([all(x.dtype == torch.float32 for x in xs + ([b] if b is not None and full else []))
+                        for xs, b in zip(groups, bases)])
+        return real(groups, bases, full)
+
+    monkeypatch.setattr(gram_pass, "_medium_batch_products", spy)
+    g = torch.Generator().manual_seed(11)
+    keys = []
+    for j, s in enumerate([SMALL_KEY + 1, 100_000, 70_001, 3000, 90_000, 1 << 18, 66_000, 81_920]):
+        ref = torch.randn(s, generator=g)
+        xs = [ref + 1e-2 * torch.randn(s, generator=g) for _ in range(3)]
+        if j % 3 == 1:
+            xs[2] = xs[2].half()
+        keys.append((xs, (ref + 1e-2 * torch.randn(s, generator=g)).half() if base else None))
+    got = _pass_rereading(keys, full)[0] if reread else _pass(keys, full)
+    assert len(batches) >= 2 and all(len(set(b)) == 1 for b in batches), batches
+    assert sum(map(len, batches)) == 7  # every key but the small one
+    for j, (xs, b) in enumerate(keys):
+        want = gram_matrix(xs, b, full=full)
+        assert _rel(got[j][1:, 1:], want[1:, 1:]) < 1e-6, j
+        assert _rel(got[j], want) < 1e-6, j
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -150,7 +191,7 @@ def test_threads_running_ahead_give_the_same_grams_and_first_error():
     """Items that hold no copies (held=False) run up to RUN_AHEAD·workers ahead and finish out of
     order; the Grams and the first error (in key order) are still those of one thread."""
     g = torch.Generator().manual_seed(3)
-    sizes = [SMALL_KEY + 1 + 997 * (i % 7) for i in range(70)]  # one item per key, uneven
+    sizes = [SMALL_KEY + 1 + 997 * (i % 7) for i in range(70)]  # medium batches of ~7 keys
     sizes[40] = 1 << 22  # finishes well after the keys behind it
     keys = [([torch.randn(s, generator=g) for _ in range(3)], None) for s in sizes]
     with intra_op_threads(1):
