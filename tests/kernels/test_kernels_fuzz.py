@@ -273,12 +273,17 @@ def test_overflowing_fp32_products_are_solved_not_refused():
 @FUZZ
 @given(clouds(), clouds(), st.booleans())
 def test_batched_gram_pass_equals_gram_matrix(a, b, full):
-    """GramPass (small keys batched on CPU, the engine's path) flags the same extreme keys and
-    hands them to gram_matrix: the same Grams, finite, whatever the magnitudes."""
+    """GramPass (small and medium keys batched on CPU, the engine's path) flags the same extreme
+    keys and hands them to gram_matrix: the same Grams, finite, whatever the magnitudes. Medium
+    keys: the same points tiled past SMALL_KEY (off the sub-block), one batch per dtype."""
     from kernels import GramPass
+    from kernels.gram_pass import SMALL_KEY
 
     n = min(len(a[0]), len(b[0]))
     keys = [list(a[0][:n]), list(b[0][:n])]
+    for c in (a, b):
+        reps = -(-(SMALL_KEY + 1001) // c[0].shape[1])
+        keys.append(list(c[0][:n].repeat(1, reps)[:, : SMALL_KEY + 1001]))
     gp = GramPass(len(keys), full=full)
     for j, xs in enumerate(keys):
         gp.add(j, xs, None, key=f"k{j}")
