@@ -1,4 +1,4 @@
-"""The Gram pass over all keys of a model: gram_matrix per key, with small keys batched on CPU.
+"""The Gram pass over all keys of a model: gram_matrix per key, with small and medium keys batched on CPU.
 
 A UNet holds hundreds of small keys (biases, norms: SD1.5 has 686 keys, 410 of them under 2^16
 elements). Per key, gram_matrix costs some 40 tiny torch ops and a host sync: on CPU about as
