@@ -40,6 +40,7 @@ Super Mario" (DARE), ICML 2024; Vardi & Zhang, PNAS 2000.
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Sequence
@@ -55,7 +56,7 @@ from .errors import MergeInputError
 from .gram import (TINY_GRAM, block_products, chunk_products, compute_dtype, default_chunk, finish_products,
                    locate_nonfinite, map_pivoted, rescale_exponent, scale_pow2_, scratch)
 from .inputs import check_params, check_weights
-from .threads import intra_op_threads
+from .threads import WorkerThreads, intra_op_threads
 
 DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
 TIE = 2.0 ** -18  # relative: above the fp32 election sum's rounding for up to 12 inputs (~13·2^-24)
@@ -217,7 +218,8 @@ class SignElectedGroup:
 
     def __init__(self, n: int, weights=None, *, strength: float = 1.0, drop_rate: float = 0.0, seed: int = 0,
                  tol: float = gm.DEFAULTS["tol"], max_iter: int = gm.DEFAULTS["max_iter"],
-                 eps: float = gm.DEFAULTS["eps"], chunk_elems: int | None = None, budget: int = GROUP_ELEMS):
+                 eps: float = gm.DEFAULTS["eps"], chunk_elems: int | None = None, budget: int = GROUP_ELEMS,
+                 workers: WorkerThreads | None = None):
         if n == 0:
             raise MergeInputError("sign_elected_median: no input tensors")
         p = float(drop_rate)
@@ -240,11 +242,14 @@ class SignElectedGroup:
         self.used = 0       # entries of the pending keys (their signs' offset in the buffer)
         self.capacity = 0   # entries the signs buffer holds for this batch of keys
         self.drop_masks = None  # (n * entries,) uint8: the pending keys' drop masks
+        # each key's Gram pass and combine as one item on these threads (the caller sets one
+        # intra-op thread); None: in the caller, as they come
+        self.pool = workers
 
     def add(self, xs: Sequence[torch.Tensor], base: torch.Tensor, *, key: str = "",
             out_dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor, dict]]:
-        """Take a key: its sign election and Gram pass now. -> the pending keys finished to make
-        room for it (see finish), usually none."""
+        """Take a key: its sign election and Gram pass now (with workers: queued on them). -> the
+        pending keys finished to make room for it (see finish), usually none."""
         if base is None:
             raise MergeInputError("sign_elected_median needs a base model (it elects signs of x_i - base)")
         if len(xs) != self.n:
@@ -262,25 +267,38 @@ class SignElectedGroup:
             if self.drop_masks is None or self.drop_masks.numel() < size or self.drop_masks.device != dev:  # only at a first key
                 self.drop_masks = torch.empty(size, dtype=torch.uint8, device=dev)
             kept_masks = self.drop_masks[self.n * start: self.n * (start + numel)].view(self.n, numel)
-        self.pending.append(_Key(self, xs, base, key, out_dtype, signs, kept_masks))
+        k = _Key(self, xs, base, key, out_dtype, signs, kept_masks)
+        if k.result is None:  # not a key of identical inputs (done when made)
+            k.item = self._run(k.run_gram)
+        self.pending.append(k)
         return done
+
+    def _run(self, fn):
+        if self.pool is None:
+            fn(None)
+            return None
+        return self.pool.submit(fn, None)
+
+    def _wait(self, item) -> None:
+        if item is not None:
+            self.pool.wait_for(item)
+            item.result()  # its error; waited for in key order, the first bad key's is raised
 
     def finish(self) -> list[tuple[str, torch.Tensor, dict]]:
         """(key, result, record) of every pending key, in the order added; the group is then empty."""
         keys, self.pending, self.used = self.pending, [], 0
+        for k in keys:
+            self._wait(k.item)
         solved = [k for k in keys if k.gram is not None]
         if solved:
             sol = gm.solve_geometric_median(torch.stack([k.gram for k in solved]), self.w, **self.prm)
             coeffs = sol.coeffs.tolist()
             rec = {f: sol.record[f].tolist() for f in ("iterations", "converged", "objective")}
-        out, i = [], 0
-        for k in keys:
-            if k.gram is None:
-                out.append((k.key, *k.result))
-                continue
-            out.append((k.key, *k.combine(coeffs[i], {f: v[i] for f, v in rec.items()})))
-            i += 1
-        return out
+            for i, k in enumerate(solved):
+                k.item = self._run(functools.partial(k.run_combine, coeffs[i], {f: v[i] for f, v in rec.items()}))
+            for k in solved:
+                self._wait(k.item)
+        return [(k.key, *k.result) for k in keys]
 
 
 class _Key:
@@ -290,7 +308,7 @@ class _Key:
     def __init__(self, group: SignElectedGroup, xs, base, key, out_dtype, signs, kept_masks):
         n, w = group.n, group.w
         self.key, self.lam, self.out_dtype = key, group.lam, out_dtype
-        self.gram = None
+        self.gram = self.result = self.item = None
         dev = xs[0].device
         cdt = self.cdt = compute_dtype(*xs, base)
         if group.p == 0.0 and same_tensors(list(xs)):
@@ -318,7 +336,12 @@ class _Key:
         self.kept_count = torch.zeros(n, dtype=torch.float64, device=dev)
         # entries [0, fused_m) go through the fused loops (fused_entries), the rest through _chunks
         self.fused_m = fused_entries(self.flat, self.fb, numel, self.drop is None or kept_masks is not None)
+
+    def run_gram(self, _=None) -> None:
         self.gram = self._gram()
+
+    def run_combine(self, c: list[float], rec: dict, _=None) -> None:
+        self.result = self.combine(c, rec)
 
     def _fused_calls(self, step: str, param, outs):
         """The compiled loop of `step` ("elect" or "combine") over the entries [0, fused_m),

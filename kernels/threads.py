@@ -24,12 +24,15 @@ def intra_op_threads(n: int | None):
 
 
 class WorkItem:
-    """fn(arg) to run on a worker; `held`: it keeps copies made for it referenced until done."""
+    """fn(arg) to run on a worker; `held`: it keeps copies made for it referenced until done.
+    It runs in the submitter's inference mode (thread-local in torch; ComfyUI runs nodes in it,
+    and a worker outside it may not update the tensors made there in place)."""
 
-    __slots__ = ("fn", "arg", "held", "done", "error", "cancelled")
+    __slots__ = ("fn", "arg", "held", "done", "error", "cancelled", "inference")
 
     def __init__(self, fn, arg, held: bool):
         self.fn, self.arg, self.held = fn, arg, held
+        self.inference = torch.is_inference_mode_enabled()
         self.done = self.cancelled = False
         self.error: BaseException | None = None
 
@@ -89,7 +92,8 @@ class WorkerThreads:
             if item is None:
                 return
             try:
-                item.fn(item.arg)
+                with torch.inference_mode(item.inference):
+                    item.fn(item.arg)
             except BaseException as e:  # handed to the caller, in its order
                 item.error = e
             item.arg = None  # drop the inputs now, not when the caller collects the item

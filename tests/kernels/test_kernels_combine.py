@@ -9,6 +9,7 @@ import torch
 from kernels import MergeInputError, combine, element_median, parse_weights, sign_elected_median, task_vector_coefficients
 from kernels.element_median import integer_weights, selection_network, sorting_network, weighted_plan
 from kernels.sign_elected import TIE
+from kernels.threads import intra_op_threads
 from tests.kernels.kernels_ref import direct_weiszfeld, rel
 
 
@@ -272,16 +273,8 @@ def test_sign_elected_kept_masks_equal_hashing_again(monkeypatch, dtype):
     assert not torch.equal(kept, se.sign_elected_median(xs, base, [1, 2, 1, 1], **{**kw, "seed": 10})[0])
 
 
-@pytest.mark.parametrize("drop", [0.0, 0.4])
-def test_sign_elected_group_equals_one_key_at_a_time(drop):
-    """The engine's SignElectedGroup (keys added in turn, their Grams solved in one batch, combined
-    after) gives each key's one-key result: a budget that splits the keys into several batches
-    (the drop masks' buffer reused by the next batch), a key larger than the budget alone, and a
-    key whose inputs are identical (no Gram) among them."""
-    from kernels.sign_elected import SignElectedGroup
-
-    g = torch.Generator().manual_seed(21)
-    sizes = [700, 300, 5000, 40, 900, 900, 64]
+def _group_keys(seed=21, sizes=(700, 300, 5000, 40, 900, 900, 64)):
+    g = torch.Generator().manual_seed(seed)
     keys = []
     for j, size in enumerate(sizes):
         base = torch.randn(size, generator=g)
@@ -289,14 +282,44 @@ def test_sign_elected_group_equals_one_key_at_a_time(drop):
         if j == 3:
             xs = [xs[0], xs[0].clone(), xs[0].clone()]
         keys.append((f"k{j}", xs, base))
+    return keys
+
+
+def _run_group(keys, kw, workers=0, budget=1500):
+    """(results, sizes of the batches finished by add) of a SignElectedGroup over keys; workers:
+    its keys on that many threads (each op on one thread, as the engine runs it on CPU)."""
+    from kernels.sign_elected import SignElectedGroup
+    from kernels.threads import WorkerThreads
+
+    pool = WorkerThreads(workers) if workers else None
+    try:
+        group = SignElectedGroup(3, [1, 2, 1], budget=budget, workers=pool, **kw)
+        got, batches = [], []
+        for key, xs, base in keys:
+            done = group.add(xs, base, key=key)
+            batches += [len(done)] if done else []
+            got += done
+        return got + group.finish(), batches
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.4])
+@pytest.mark.parametrize("workers", [0, 3])
+def test_sign_elected_group_equals_one_key_at_a_time(drop, workers):
+    """The engine's SignElectedGroup (keys added in turn, their Grams solved in one batch, combined
+    after) gives each key's one-key result: a budget that splits the keys into several batches
+    (the drop masks' buffer reused by the next batch), a key larger than the budget alone, and a
+    key whose inputs are identical (no Gram) among them; with worker threads (each key's passes
+    one item) the same bits as in the caller."""
+    keys = _group_keys()
     kw = dict(strength=0.8, drop_rate=drop, seed=5, tol=1e-12, max_iter=500, eps=1e-8)
-    group = SignElectedGroup(3, [1, 2, 1], budget=1500, **kw)
-    got, batches = [], []
-    for key, xs, base in keys:
-        done = group.add(xs, base, key=key)
-        batches += [len(done)] if done else []
-        got += done
-    got += group.finish()
+    with intra_op_threads(1):
+        got, batches = _run_group(keys, kw, workers)
+        if workers:
+            alone = _run_group(keys, kw)[0]
+            assert all(torch.equal(a[1], b[1]) and a[2] == b[2] for a, b in zip(got, alone))
     assert len(batches) >= 3 and [k for k, _, _ in got] == [k for k, _, _ in keys]
     for (key, xs, base), (_, out, rec) in zip(keys, got):
         ref, ref_rec = sign_elected_median(xs, base, [1, 2, 1], key=key, **kw)
@@ -338,3 +361,14 @@ def test_tensor_methods_write_the_output_dtype_as_a_conversion_would(out_dtype):
             want = sign_elected_median(xs, base, **kw)[0].to(out_dtype)
             got = sign_elected_median(xs, base, out_dtype=out_dtype, **kw)[0]
             assert got.dtype == out_dtype and torch.equal(got.float(), want.float()), (n, p)
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_sign_elected_group_raises_the_first_bad_key(workers):
+    """NaN in two keys of one batch, their passes on worker threads: the error names the first."""
+    keys = _group_keys(sizes=(700, 3000, 900, 40, 4000, 64))
+    for j in (1, 4):
+        keys[j][1][2] = keys[j][1][2].clone()
+        keys[j][1][2][5] = float("nan")
+    with intra_op_threads(1), pytest.raises(MergeInputError, match="key 'k1': model_3 contains NaN"):
+        _run_group(keys, dict(drop_rate=0.0, seed=0), workers, budget=1 << 20)

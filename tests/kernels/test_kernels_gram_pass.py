@@ -347,3 +347,25 @@ def test_deferred_pass_ignores_a_host_tf32_setting():
         flags.allow_tf32 = old
     for j, (xs, b) in enumerate(keys):
         assert _rel(got[j], gram_matrix(xs, b, full=True)) < 4e-6, j
+
+
+def test_worker_items_run_in_the_submitters_inference_mode():
+    """ComfyUI runs nodes in torch.inference_mode (thread-local): an item may update a tensor made
+    there in place (the sign-elected median's signs and counts), and outside it stays outside."""
+    from kernels.threads import WorkerThreads
+
+    pool = WorkerThreads(2)
+    seen = []
+    try:
+        for mode in (True, False):
+            with torch.inference_mode(mode):
+                t = torch.zeros(3)
+                items = [pool.submit(lambda _: t.add_(1), None),
+                         pool.submit(lambda _: seen.append(torch.is_inference_mode_enabled()), None)]
+            for item in items:
+                pool.wait_for(item)
+                item.result()
+            assert t.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        pool.close()
+    assert seen == [True, False]
