@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,13 +288,15 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
     patches = {}
     move = staging.mover(dev)
     w_dev = w.to(dev)
-    # on CPU a group's keys run on the pass's worker threads, each op on one thread: torch's own
-    # threads wait for each other at every op, and with a core busy elsewhere that made the
-    # sign-elected median up to 6x slower (the fused loops keep the host's threads)
-    workers = host_api.cpu_workers() if dev.type == "cpu" and info.tensor_group and not (
-        fused_kernels.enabled() and len(sources) <= fused_kernels.MAX_INPUTS) else 1
+    # on CPU the keys run on worker threads (a group's: its Gram passes and combines), each op on
+    # one thread: torch's own threads wait for each other at every op, and with a core busy
+    # elsewhere that made the sign-elected median 5-7x and the element median 3x slower (the
+    # fused loops keep the host's threads)
+    fused = info.tensor_group and fused_kernels.enabled() and len(sources) <= fused_kernels.MAX_INPUTS
+    workers = host_api.cpu_workers() if dev.type == "cpu" and not fused else 1
     pool = WorkerThreads(workers) if workers > 1 else None
     group = info.tensor_group(len(sources), w, strength=strength, workers=pool, **params) if info.tensor_group else None
+    inflight: deque = deque()  # (key, item, its result) of keys merged on the workers, in key order
 
     def keep(done):
         for key, result, record in done:
@@ -301,19 +304,36 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
             patches[key] = (result.to(dtype=dtype).to(out_device),)  # the dtype already: no copy on CPU
             units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
 
+    def merge_key(key, xs, b, dtype, box=None):
+        r = info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key, out_dtype=dtype, **params)
+        if box is None:
+            return r
+        box.append(r)
+
+    def collect(left: int):  # the oldest keys done, until `left` are in flight (errors in key order)
+        while len(inflight) > left:
+            key, item, box = inflight.popleft()
+            pool.wait_for(item)
+            item.result()
+            keep([(key, *box[0])])
+
     with intra_op_threads(1 if pool is not None else None):
         try:
             for j, xs, b, _ in _read_keys(sources, base, keys, dev, move):
                 key = keys[j]
                 dtype = sources[0].stored(key).dtype
-                if group is None:
-                    keep([(key, *info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key,
-                                                    out_dtype=dtype, **params))])
-                else:
+                if group is not None:
                     keep(group.add(xs, b, key=key, out_dtype=dtype))
+                elif pool is None:
+                    keep([(key, *merge_key(key, xs, b, dtype))])
+                else:  # at most 2 per worker in flight: each holds its inputs and its result
+                    box: list = []
+                    inflight.append((key, pool.submit(lambda _, a=(key, xs, b, dtype, box): merge_key(*a), None), box))
+                    collect(2 * workers)
                 progress(j + 1)  # may raise: ComfyUI's Cancel
             if group is not None:
                 keep(group.finish())
+            collect(0)
         finally:
             if pool is not None:
                 pool.close()
