@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.host, pytest.mark.weights]
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "reliability.md"
 GM, KM, WM = "BarycenterGeometricMedian", "BarycenterKarcherMean", "BarycenterWeightedMean"
+SE = "BarycenterSignElectedMedian"
 METHOD = {GM: "geometric_median", KM: "karcher", WM: "weighted_mean"}
 UNET = "model.diffusion_model."
 _n = itertools.count()
@@ -330,6 +331,19 @@ def case_nan_in_one_tensor(ctx):
     return merge_case(KM, [sd15(1), name, sd15(3)], error("model_2", RES_WEIGHT, "NaN"))
 
 
+def case_nan_in_one_tensor_element(ctx):
+    """The element median merges its keys on worker threads: the error still names the key."""
+    name = variant(ctx.checkpoints_dir, "nan", 2, set_value(UNET + RES_WEIGHT, float("nan")))
+    return merge_case(GM, [sd15(1), name, sd15(3)], error("model_2", RES_WEIGHT, "NaN"),
+                      settings={"scope": "element"})
+
+
+def case_nan_in_one_tensor_sign_elected(ctx):
+    """The sign-elected median's Gram passes run on worker threads: the error still names the key."""
+    name = variant(ctx.checkpoints_dir, "nan", 2, set_value(UNET + RES_WEIGHT, float("nan")))
+    return merge_case(SE, [sd15(1), name, sd15(3)], error("model_2", RES_WEIGHT, "NaN"), base=sd15(4))
+
+
 def case_inf_in_one_tensor(ctx):
     name = variant(ctx.checkpoints_dir, "inf", 3, set_value(UNET + RES_WEIGHT, float("inf")))
     return merge_case(GM, [sd15(1), sd15(2), name], error("model_3", RES_WEIGHT, "Inf"))
@@ -467,6 +481,10 @@ CASES = [
     Case("shape_wrong_for_arch_in_file", "model_2's file has a bias of the wrong length",
          case_shape_wrong_for_arch_in_file),
     Case("nan_in_one_tensor", "one NaN in one tensor of model_2 (Karcher)", case_nan_in_one_tensor),
+    Case("nan_in_one_tensor_element", "one NaN in one tensor of model_2 (geometric median, element scope)",
+         case_nan_in_one_tensor_element),
+    Case("nan_in_one_tensor_sign_elected", "one NaN in one tensor of model_2 (sign-elected median)",
+         case_nan_in_one_tensor_sign_elected),
     Case("inf_in_one_tensor", "one Inf in one tensor of model_3 (geometric median)", case_inf_in_one_tensor),
     Case("all_zero_models_gm", "three all-zero models, geometric median", case_all_zero_models_gm),
     Case("all_zero_models_karcher", "three all-zero models, Karcher mean", case_all_zero_models_karcher),
