@@ -32,7 +32,9 @@ a key whose masks are kept), each pass over a key's whole sub-blocks is one comp
 (FUSED_BLOCKS below); the numbers are there.
 The engine merges a model's keys through a SignElectedGroup: each key's election and Gram pass
 as it is read, the Grams of consecutive keys (up to GROUP_ELEMS entries) solved in one batch on
-the CPU, then each combined. The same bits as one key at a time (SD1.5 shapes, 3 fp16 models,
+the CPU, then each combined; on CPU each key's Gram pass and combine are one item on the
+engine's worker threads (ops on one thread each: torch's threads, waiting for each other at every
+op, made the node 5-7x slower on a busy machine). The same bits as one key at a time (SD1.5 shapes, 3 fp16 models,
 one thread), whose 686 single-key solves cost 1.3–3.2 s of CPU time there (the benchmark: 24% of the merge); on a
 GPU each ran its steps as kernel launches.
 References: P. Yadav et al., "TIES-Merging", NeurIPS 2023; L. Yu et al., "Language models are
