@@ -296,7 +296,7 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
     workers = host_api.cpu_workers() if dev.type == "cpu" and not fused else 1
     pool = WorkerThreads(workers) if workers > 1 else None
     group = info.tensor_group(len(sources), w, strength=strength, workers=pool, **params) if info.tensor_group else None
-    inflight: deque = deque()  # (key, item, its result) of keys merged on the workers, in key order
+    inflight: deque = deque()  # (key, item) of keys merged on the workers, in key order
 
     def keep(done):
         for key, result, record in done:
@@ -304,18 +304,15 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
             patches[key] = (result.to(dtype=dtype).to(out_device),)  # the dtype already: no copy on CPU
             units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
 
-    def merge_key(key, xs, b, dtype, box=None):
-        r = info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key, out_dtype=dtype, **params)
-        if box is None:
-            return r
-        box.append(r)
+    def merge_key(args):
+        key, xs, b, dtype = args
+        return info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key, out_dtype=dtype, **params)
 
     def collect(left: int):  # the oldest keys done, until `left` are in flight (errors in key order)
         while len(inflight) > left:
-            key, item, box = inflight.popleft()
+            key, item = inflight.popleft()
             pool.wait_for(item)
-            item.result()
-            keep([(key, *box[0])])
+            keep([(key, *item.result())])
 
     with intra_op_threads(1 if pool is not None else None):
         try:
@@ -325,10 +322,9 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
                 if group is not None:
                     keep(group.add(xs, b, key=key, out_dtype=dtype))
                 elif pool is None:
-                    keep([(key, *merge_key(key, xs, b, dtype))])
+                    keep([(key, *merge_key((key, xs, b, dtype)))])
                 else:  # at most 2 per worker in flight: each holds its inputs and its result
-                    box: list = []
-                    inflight.append((key, pool.submit(lambda _, a=(key, xs, b, dtype, box): merge_key(*a), None), box))
+                    inflight.append((key, pool.submit(merge_key, (key, xs, b, dtype))))
                     collect(2 * workers)
                 progress(j + 1)  # may raise: ComfyUI's Cancel
             if group is not None:

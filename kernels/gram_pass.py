@@ -82,6 +82,7 @@ class GramPass:
         self._medium: list[tuple[int, list, torch.Tensor | None, str]] = []  # medium keys (module docstring)
         self._medium_elems = 0
         self._medium_held = False
+        self._medium_kind: tuple[bool, bool] | None = None  # the pending medium batch's _medium_kind
         self._pool = WorkerThreads(workers) if workers > 1 else None
         self._inflight: deque = deque()  # work items in the order made
         self._workers = workers
@@ -120,9 +121,10 @@ class GramPass:
 
     def _add_medium(self, j, xs, base, key, held) -> None:
         size = _padded(xs[0].numel())
-        if self._medium and (_medium_kind(xs, base, self.full) != _medium_kind(*self._medium[0][1:3], self.full)
-                             or self._medium_elems + size > _medium_capacity(xs, base)):
+        kind = _medium_kind(xs, base, self.full)
+        if self._medium and (kind != self._medium_kind or self._medium_elems + size > _medium_capacity(xs, base)):
             self._flush_medium()
+        self._medium_kind = kind
         self._medium.append((j, xs, base, key))
         self._medium_elems += size
         self._medium_held = self._medium_held or held
@@ -292,12 +294,8 @@ def _padded(numel: int) -> int:
     return -(-numel // SUB_BLOCK) * SUB_BLOCK
 
 
-def _rows(xs, base) -> int:
-    return len(xs) + (base is not None)
-
-
 def _medium_capacity(xs, base) -> int:
-    return gram_chunk(xs[0].device, _rows(xs, base))
+    return gram_chunk(xs[0].device, len(xs) + (base is not None))
 
 
 def _is_medium(xs, base) -> bool:

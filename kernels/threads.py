@@ -28,18 +28,20 @@ class WorkItem:
     It runs in the submitter's inference mode (thread-local in torch; ComfyUI runs nodes in it,
     and a worker outside it may not update the tensors made there in place)."""
 
-    __slots__ = ("fn", "arg", "held", "done", "error", "cancelled", "inference")
+    __slots__ = ("fn", "arg", "held", "done", "error", "cancelled", "inference", "value")
 
     def __init__(self, fn, arg, held: bool):
         self.fn, self.arg, self.held = fn, arg, held
         self.inference = torch.is_inference_mode_enabled()
         self.done = self.cancelled = False
         self.error: BaseException | None = None
+        self.value = None  # what fn returned
 
-    def result(self) -> None:
-        """Raise the item's error, if any (call once it is done)."""
+    def result(self):
+        """fn's return value, or its error raised (call once it is done)."""
         if self.error is not None:
             raise self.error
+        return self.value
 
 
 class WorkerThreads:
@@ -93,7 +95,7 @@ class WorkerThreads:
                 return
             try:
                 with torch.inference_mode(item.inference):
-                    item.fn(item.arg)
+                    item.value = item.fn(item.arg)
             except BaseException as e:  # handed to the caller, in its order
                 item.error = e
             item.arg = None  # drop the inputs now, not when the caller collects the item
