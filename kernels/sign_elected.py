@@ -32,9 +32,9 @@ a key whose masks are kept), each pass over a key's whole sub-blocks is one comp
 (FUSED_BLOCKS below); the numbers are there.
 The engine merges a model's keys through a SignElectedGroup: each key's election and Gram pass
 as it is read, the Grams of consecutive keys (up to GROUP_ELEMS entries) solved in one batch on
-the CPU, then each combined; on CPU each key's Gram pass and combine are one item on the
-engine's worker threads (ops on one thread each: torch's threads, waiting for each other at every
-op, made the node 5-7x slower on a busy machine). The same bits as one key at a time (SD1.5 shapes, 3 fp16 models,
+the CPU, then each combined; on CPU each key's Gram pass and combine are items of up to
+PART_ELEMS entries on the engine's worker threads (ops on one thread each: torch's threads,
+waiting for each other at every op, made the node 5-7x slower on a busy machine). The same bits as one key at a time (SD1.5 shapes, 3 fp16 models,
 one thread), whose 686 single-key solves cost 1.3–3.2 s of CPU time there (the benchmark: 24% of the merge); on a
 GPU each ran its steps as kernel launches.
 References: P. Yadav et al., "TIES-Merging", NeurIPS 2023; L. Yu et al., "Language models are
@@ -65,6 +65,10 @@ TIE = 2.0 ** -18  # relative: above the fp32 election sum's rounding for up to 1
 DROP_CPU_CHUNK = 1 << 16  # with a drop, the hash's int32 rows of a chunk then stay in L2 (~15% faster)
 KEPT_MASK_BYTES = 1 << 27  # drop masks up to this size (a byte per entry and input) are kept for the combine
 GROUP_ELEMS = 1 << 24  # entries of the keys a SignElectedGroup solves together (a larger key: alone)
+# entries of a key per worker item (whole chunks): SD1.5's largest keys (14.7M entries) are about one
+# per group, and as one item each they kept one core busy of many. A quarter of SD1.5's keys, 3
+# inputs + base, 2 threads: fp16 2.74 -> 2.20 s (2^20: 2.35), fp32 3.26 -> 2.68, drop 0.3 7.34 -> 6.40
+PART_ELEMS = 1 << 21
 
 
 # Opt-in fused CPU loops (BARYCENTER_CPU_KERNELS=fused, fused.py) for 2..fused.MAX_INPUTS inputs
@@ -221,7 +225,7 @@ class SignElectedGroup:
     def __init__(self, n: int, weights=None, *, strength: float = 1.0, drop_rate: float = 0.0, seed: int = 0,
                  tol: float = gm.DEFAULTS["tol"], max_iter: int = gm.DEFAULTS["max_iter"],
                  eps: float = gm.DEFAULTS["eps"], chunk_elems: int | None = None, budget: int = GROUP_ELEMS,
-                 workers: WorkerThreads | None = None):
+                 workers: WorkerThreads | None = None, part_elems: int = PART_ELEMS):
         if n == 0:
             raise MergeInputError("sign_elected_median: no input tensors")
         p = float(drop_rate)
@@ -239,13 +243,13 @@ class SignElectedGroup:
             raise MergeInputError(f"strength must be finite; got {strength}")
         self.n, self.p, self.seed = n, p, int(seed)
         self.w = check_weights(weights if weights is not None else torch.ones(n), n)
-        self.chunk_elems, self.budget = chunk_elems, int(budget)
+        self.chunk_elems, self.budget, self.part_elems = chunk_elems, int(budget), int(part_elems)
         self.pending: list[_Key] = []
         self.used = 0       # entries of the pending keys (their signs' offset in the buffer)
         self.capacity = 0   # entries the signs buffer holds for this batch of keys
         self.drop_masks = None  # (n * entries,) uint8: the pending keys' drop masks
-        # each key's Gram pass and combine as one item on these threads (the caller sets one
-        # intra-op thread); None: in the caller, as they come
+        # each key's Gram pass and combine as items of up to part_elems entries on these threads
+        # (the caller sets one intra-op thread); None: in the caller, as they come
         self.pool = workers
 
     def add(self, xs: Sequence[torch.Tensor], base: torch.Tensor, *, key: str = "",
@@ -271,15 +275,15 @@ class SignElectedGroup:
             kept_masks = self.drop_masks[self.n * start: self.n * (start + numel)].view(self.n, numel)
         k = _Key(self, xs, base, key, out_dtype, signs, kept_masks)
         if k.result is None:  # not a key of identical inputs (done when made)
-            k.item = self._run(k.run_gram)
+            k.items = [self._run(fn) for fn in k.gram_items()]
         self.pending.append(k)
         return done
 
     def _run(self, fn):
         if self.pool is None:
-            fn(None)
+            fn()
             return None
-        return self.pool.submit(fn, None)
+        return self.pool.submit(lambda _: fn(), None)
 
     def _wait(self, item) -> None:
         if item is not None:
@@ -290,27 +294,37 @@ class SignElectedGroup:
         """(key, result, record) of every pending key, in the order added; the group is then empty."""
         keys, self.pending, self.used = self.pending, [], 0
         for k in keys:
-            self._wait(k.item)
+            for item in k.items:
+                self._wait(item)
+            if k.result is None:
+                k.finish_gram()
         solved = [k for k in keys if k.gram is not None]
         if solved:
             sol = gm.solve_geometric_median(torch.stack([k.gram for k in solved]), self.w, **self.prm)
             coeffs = sol.coeffs.tolist()
             rec = {f: sol.record[f].tolist() for f in ("iterations", "converged", "objective")}
             for i, k in enumerate(solved):
-                k.item = self._run(functools.partial(k.run_combine, coeffs[i], {f: v[i] for f, v in rec.items()}))
+                k.items = [self._run(fn) for fn in k.combine_items(coeffs[i], {f: v[i] for f, v in rec.items()})]
             for k in solved:
-                self._wait(k.item)
+                for item in k.items:
+                    self._wait(item)
+                k.finish_combine()
         return [(k.key, *k.result) for k in keys]
 
 
 class _Key:
-    """One key of a SignElectedGroup: the Gram pass when made (gram: (N+1, N+1) fp64 on the CPU),
-    the combine when its coefficients are known. Its chunks are regenerated identically in both."""
+    """One key of a SignElectedGroup: the Gram pass (gram_items, then finish_gram: gram is (N+1,
+    N+1) fp64 on the CPU), the combine when its coefficients are known (combine_items, then
+    finish_combine: result). Its chunks are regenerated identically in both. Each pass is a list of
+    items over ranges of whole chunks (up to the group's part_elems entries), run in any order on
+    any thread: every chunk's products and kept counts go to rows of their own, summed in chunk
+    order after, so the bits do not depend on the split or the threads."""
 
     def __init__(self, group: SignElectedGroup, xs, base, key, out_dtype, signs, kept_masks):
         n, w = group.n, group.w
         self.key, self.lam, self.out_dtype = key, group.lam, out_dtype
-        self.gram = self.result = self.item = None
+        self.gram = self.result = None
+        self.items = []  # the pass's WorkItems (None: ran in the caller)
         dev = xs[0].device
         cdt = self.cdt = compute_dtype(*xs, base)
         if group.p == 0.0 and same_tensors(list(xs)):
@@ -335,15 +349,11 @@ class _Key:
         # the Gram pass's drop masks, for the combine: one byte per entry and input instead of
         # hashing again (the hash is ~14 int32 ops per entry and input); very large keys hash twice
         self.kept_masks = kept_masks
-        self.kept_count = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.kept_count = torch.zeros(n, dtype=torch.float64, device=dev)  # the fused loops' (+ the parts' at the end)
+        self.part = max(1, group.part_elems // self.chunk) * self.chunk
+        self.parts = self.counts = self.fused_beta = self.out = self.rec = None
         # entries [0, fused_m) go through the fused loops (fused_entries), the rest through _chunks
         self.fused_m = fused_entries(self.flat, self.fb, numel, self.drop is None or kept_masks is not None)
-
-    def run_gram(self, _=None) -> None:
-        self.gram = self._gram()
-
-    def run_combine(self, c: list[float], rec: dict, _=None) -> None:
-        self.result = self.combine(c, rec)
 
     def _fused_calls(self, step: str, param, outs):
         """The compiled loop of `step` ("elect" or "combine") over the entries [0, fused_m),
@@ -380,7 +390,13 @@ class _Key:
             self.kept_count += torch.cat(counts, 1).double().sum(1)
             return fused.beta_from_sums(torch.cat(sums, 1).double().sum(1), n, full=False)
 
-    def _chunks(self, elect: bool, start: int = 0):
+    def _ranges(self, start: int) -> list[tuple[int, int]]:
+        """[a, e) from start to the end in whole chunks, up to self.part entries each: one item each."""
+        return [(a, min(self.numel, a + self.part)) for a in range(start, self.numel, self.part)]
+
+    def _chunks(self, elect: bool, start: int, end: int, counts: torch.Tensor | None = None):
+        """(a, e, u, base chunk, γ) per chunk of [start, end); elect: γ elected (and stored), the
+        kept counts added to counts, else γ read back."""
         n, chunk, cdt, dev = len(self.flat), self.chunk, self.cdt, self.flat[0].device
         flat, fb, drop, signs, kept_masks = self.flat, self.fb, self.drop, self.signs, self.kept_masks
         buf = scratch("sign_elected", (n + 1, chunk), cdt, dev)
@@ -392,8 +408,8 @@ class _Key:
         mask = scratch("sign_elected.mask", (n, chunk), cdt, dev) if drop is not None and kept_masks is None else None
         # counts of ones summed in fp32 are exact up to 2^24 (and 2.3x faster than converting to fp64)
         count_dtype = None if chunk <= 1 << 24 else torch.float64
-        for a in range(start, self.numel, chunk):
-            e = min(self.numel, a + chunk)
+        for a in range(start, end, chunk):
+            e = min(end, a + chunk)
             t = buf[:n, : e - a]
             if self.direct:  # inputs in the compute dtype: differences straight from them
                 bb = fb[a:e]
@@ -427,73 +443,110 @@ class _Key:
             # flip commutes with rounding). Float ops: bool masks are ~5x slower on CPU.
             t.mul_(g).clamp_(min=0)
             if elect:
-                self.kept_count.add_(torch.gt(t, 0, out=positive[:, : e - a]).sum(1, dtype=count_dtype))
+                counts.add_(torch.gt(t, 0, out=positive[:, : e - a]).sum(1, dtype=count_dtype))
             yield a, e, t, bb, g
 
-    def _gram(self) -> torch.Tensor:
-        n, dev, cdt = len(self.flat), self.flat[0].device, self.cdt
+    def gram_items(self) -> list:
+        """The Gram pass as callables (see the class): the fused loops and the eager rest as one
+        (the compiled loops use the host's threads), else one per range of chunks."""
+        if self.fused_m:
+            return [self._fused_and_eager_gram]
+        return self._eager_gram_items(0)
+
+    def _eager_gram_items(self, start: int, exp2: int = 0) -> list:
+        """Products (per chunk) and kept counts (per range) of the entries [start, numel) eagerly,
+        into fresh rows; exp2: rows scaled by 2^-exp2 (the rare rescaled recompute)."""
+        n, r = len(self.flat), len(self.flat) - 1 + (len(self.flat) == 1)
+        ranges = self._ranges(start)
+        self.parts = torch.zeros(max(1, -(-(self.numel - start) // self.chunk)), r, r, dtype=self.cdt,
+                                 device=self.flat[0].device)
+        self.counts = torch.zeros(max(1, len(ranges)), n, dtype=torch.float64, device=self.flat[0].device)
+        return [functools.partial(self._gram_range, i, a, e, (a - start) // self.chunk, exp2)
+                for i, (a, e) in enumerate(ranges)]
+
+    def _fused_and_eager_gram(self) -> None:
+        self.fused_beta = self._fused_gram()
+        if self.fused_beta is None:  # compiling failed (fused.py warned): all eager
+            self.fused_m = 0
+        for fn in self._eager_gram_items(self.fused_m):
+            fn()
+
+    def _gram_range(self, i: int, a: int, e: int, j0: int, exp2: int) -> None:
         # the geometric median needs only the centred block (products of the differences): no
         # pivot row, as gram_matrix(full=False); one input keeps it (its only NaN check)
-        full = n == 1
-
-        def products(exp2: int = 0) -> torch.Tensor:
-            if exp2:  # the rare rescaled recompute: eager throughout
-                self.kept_count.zero_()
-                self.fused_m = 0
-            fused_beta = self._fused_gram() if self.fused_m else None
-            if fused_beta is None:  # no fused part, or compiling failed (fused.py warned): all eager
-                self.fused_m = 0
-            nchunks = max(1, -(-(self.numel - self.fused_m) // self.chunk))
-            parts = torch.zeros(nchunks, n - 1 + full, n - 1 + full, dtype=cdt, device=dev)
-            for j, (a, e, t, _, _) in enumerate(self._chunks(elect=True, start=self.fused_m)):
-                if exp2:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
-                    scale_pow2_(t, exp2)
-                if full:
-                    chunk_products(t, parts[j])
-                else:
-                    t[1:].sub_(t[0])
-                    block_products(t[1:], parts[j])
+        full = len(self.flat) == 1
+        for j, (_, _, t, _, _) in enumerate(self._chunks(True, a, e, self.counts[i]), j0):
+            if exp2:  # rows scaled by 2^-exp2 (exact), the products by 4^exp2 in fp64
+                scale_pow2_(t, exp2)
             if full:
-                beta = finish_products(parts)
+                chunk_products(t, self.parts[j])
             else:
-                beta = torch.zeros(n, n, dtype=torch.float64, device=dev)
-                beta[1:, 1:] = finish_products(parts)
-            if fused_beta is not None:
-                beta += fused_beta
-            return scale_pow2_(beta, -2 * exp2) if exp2 else beta
+                t[1:].sub_(t[0])
+                block_products(t[1:], self.parts[j])
 
+    def _beta(self, exp2: int = 0) -> torch.Tensor:
+        n = len(self.flat)
+        if n == 1:
+            beta = finish_products(self.parts)
+        else:
+            beta = torch.zeros(n, n, dtype=torch.float64, device=self.flat[0].device)
+            beta[1:, 1:] = finish_products(self.parts)
+        if self.fused_beta is not None:
+            beta += self.fused_beta
+        return scale_pow2_(beta, -2 * exp2) if exp2 else beta
+
+    def finish_gram(self) -> None:
+        """The Gram from the items' rows (they have all run), checked: a NaN or Inf named, fp32
+        products that overflowed or may have underflowed recomputed rescaled (see gram.py)."""
         xs, base, key = self.xs, self.base, self.key
-        beta = products()
+        beta = self._beta()
         bad, tiny = torch.stack([~torch.isfinite(beta).all(), beta.diagonal().abs().max() < TINY_GRAM]).tolist()
         if bad:
             locate_nonfinite(xs, base, key or "tensor")
-        if bad or tiny:  # fp32 products overflowed or may have underflowed: see gram.py
+        if bad or tiny:
             e = rescale_exponent(list(xs) + [base], force=bad)
-            if e:
-                beta = products(e)
+            if e:  # eager throughout, in the caller
+                self.kept_count.zero_()
+                self.fused_m, self.fused_beta = 0, None
+                for fn in self._eager_gram_items(0, e):
+                    fn()
+                beta = self._beta(e)
                 bad = not bool(torch.isfinite(beta).all())
         if bad:
             raise MergeInputError(f"key '{key or 'tensor'}': the inputs overflow the compute precision")
-        return map_pivoted(beta, full).cpu()
+        self.kept_count += self.counts.sum(0)  # whole counts: exact in any order
+        self.gram = map_pivoted(beta, len(self.flat) == 1).cpu()
+        self.parts = self.counts = None
 
-    def combine(self, c: list[float], rec: dict) -> tuple[torch.Tensor, dict]:
-        dev, cdt = self.flat[0].device, self.cdt
-        cc = (self.lam * torch.tensor(c, dtype=torch.float64)).to(device=dev, dtype=cdt)
-        odt = self.out_dtype or cdt
-        out = torch.empty(self.xs[0].shape, dtype=odt if odt in WRITABLE else cdt, device=dev)
-        fo = out.view(-1)
+    def combine_items(self, c: list[float], rec: dict) -> list:
+        """The combine base + γ Σ c_i u_i as callables (see the class) writing into one output."""
+        dev = self.flat[0].device
+        cc = (self.lam * torch.tensor(c, dtype=torch.float64)).to(device=dev, dtype=self.cdt)
+        odt = self.out_dtype or self.cdt
+        self.out = torch.empty(self.xs[0].shape, dtype=odt if odt in WRITABLE else self.cdt, device=dev)
+        self.rec = {"coefficients": c, "iterations": int(rec["iterations"]), "converged": bool(rec["converged"]),
+                    "objective": float(rec["objective"])}
+        if self.fused_m:
+            return [functools.partial(self._fused_and_eager_combine, cc)]
+        return [functools.partial(self._combine_range, cc, a, e) for a, e in self._ranges(0)]
+
+    def _fused_and_eager_combine(self, cc: torch.Tensor) -> None:
         start = 0  # the fused loop's part; the rest (or all, if it failed to compile) eager, from the same signs
-        for _, e, got in self._fused_calls("combine", cc, [self.signs, fo]) if self.fused_m else ():
+        for _, e, got in self._fused_calls("combine", cc, [self.signs, self.out.view(-1)]):
             if got is None:
                 break
             start = e
-        for a, e, u, bb, g in self._chunks(elect=False, start=start):
-            torch.addcmul(bb, g, cc @ u, out=fo[a:e])  # in cdt (γ·v exact), rounded to the output's dtype once
-        return out.to(odt), {
-            "coefficients": c,
-            "iterations": int(rec["iterations"]),
-            "converged": bool(rec["converged"]),
-            "objective": float(rec["objective"]),
+        self._combine_range(cc, start, self.numel)
+
+    def _combine_range(self, cc: torch.Tensor, a: int, e: int) -> None:
+        fo = self.out.view(-1)
+        for ca, ce, u, bb, g in self._chunks(False, a, e):
+            torch.addcmul(bb, g, cc @ u, out=fo[ca:ce])  # in cdt (γ·v exact), rounded to the output's dtype once
+
+    def finish_combine(self) -> None:
+        out, self.out = self.out, None
+        self.result = (out.to(self.out_dtype or self.cdt), {
+            **self.rec,
             "kept_fraction": (self.kept_count / max(self.numel, 1)).tolist(),
             "identical": False,
-        }
+        })

@@ -363,6 +363,27 @@ def test_tensor_methods_write_the_output_dtype_as_a_conversion_would(out_dtype):
             assert got.dtype == out_dtype and torch.equal(got.float(), want.float()), (n, p)
 
 
+@pytest.mark.parametrize("drop", [0.0, 0.4])
+def test_sign_elected_keys_split_into_parts_give_the_same_bits(drop):
+    """A key's passes split into items of a few chunks each (the group's part_elems), on 3 worker
+    threads or in the caller: the same bits and records as one item per key; also for a key whose
+    fp32 products overflow and one whose products underflow (both recomputed rescaled)."""
+    keys = _group_keys(sizes=(3000, 1001, 40, 2500))
+    g = torch.Generator().manual_seed(3)
+    for name, scale in (("huge", 1e25), ("tiny", 1e-25)):
+        base = torch.randn(1300, generator=g)
+        keys.append((name, [scale * (base + 0.1 * torch.randn(1300, generator=g)) for _ in range(3)], scale * base))
+    kw = dict(strength=0.8, drop_rate=drop, seed=5, chunk_elems=128)
+    with intra_op_threads(1):
+        want = _run_group(keys, kw, budget=1 << 20)[0]
+        assert all(torch.isfinite(out).all() for _, out, _ in want)
+        for part in (128, 384, 1000):
+            for workers in (0, 3):
+                got = _run_group(keys, {**kw, "part_elems": part}, workers, budget=1 << 20)[0]
+                for (key, out, rec), (_, ref, ref_rec) in zip(got, want):
+                    assert torch.equal(out, ref) and rec == ref_rec, (key, part, workers)
+
+
 @pytest.mark.parametrize("workers", [0, 3])
 def test_sign_elected_group_raises_the_first_bad_key(workers):
     """NaN in two keys of one batch, their passes on worker threads: the error names the first."""

@@ -281,6 +281,17 @@ def test_fused_sign_elected_nan_names_model_and_key(fused_on):
         _sign_elected("fused", fused_on, xs, base)
 
 
+def test_fused_sign_elected_overflow_recomputes_eagerly(fused_on):
+    """fp32 task vectors whose products overflow in the fused loop: the key is recomputed rescaled,
+    all eagerly, giving the eager kernel's bits and kept fractions (the loop's counts dropped)."""
+    xs, base = _task_vectors(3, torch.float32, SIZES[0], seed=6)
+    xs, base = [1e25 * x for x in xs], 1e25 * base
+    got, rec = _sign_elected("fused", fused_on, xs, base)
+    assert ("sign_elected", "elect", 3, False, torch.float32) in fused._ready
+    ref, ref_rec = _sign_elected("eager", fused_on, xs, base)
+    assert torch.isfinite(ref).all() and torch.equal(got, ref) and rec == ref_rec
+
+
 def test_fused_sign_elected_with_a_drop_equals_eager(fused_on):
     xs, base = _task_vectors(3, torch.float16, SIZES[1], seed=4)
     got, rec = _sign_elected("fused", fused_on, xs, base, drop_rate=0.3, seed=1)
