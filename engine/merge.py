@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..kernels import fused as fused_kernels
-from ..kernels.threads import WorkerThreads, intra_op_threads
+from ..kernels.threads import PART_ELEMS, WorkerThreads, intra_op_threads
 from ..kernels import (GramPass, MergeInputError, block_of, pairwise_distances, parse_weights, resolve,
                        scope_units, solve, task_vector_coefficients)
 from . import gram_cache, host_api, staging
@@ -296,7 +296,9 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
     workers = host_api.cpu_workers() if dev.type == "cpu" and not fused else 1
     pool = WorkerThreads(workers) if workers > 1 else None
     group = info.tensor_group(len(sources), w, strength=strength, workers=pool, **params) if info.tensor_group else None
-    inflight: deque = deque()  # (key, item) of keys merged on the workers, in key order
+    # (key, item, whole) merged on the workers, in key order: a key, or one range of a large key of an
+    # elementwise method (whole: its output, for the last range; False for the others)
+    inflight: deque = deque()
 
     def keep(done):
         for key, result, record in done:
@@ -305,14 +307,38 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
             units.append({"name": key, **{k: v for k, v in (record or {}).items() if _is_small(v)}})
 
     def merge_key(args):
-        key, xs, b, dtype = args
-        return info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key, out_dtype=dtype, **params)
+        key, xs, b, dtype, out = args
+        more = {} if out is None else {"out": out}
+        return info.merge_tensors(xs, base=b, weights=w_dev, strength=strength, key=key, out_dtype=dtype,
+                                  **more, **params)
 
-    def collect(left: int):  # the oldest keys done, until `left` are in flight (errors in key order)
+    def submit(key, xs, b, dtype):
+        """Queue a key: in ranges of PART_ELEMS entries if elementwise (a large key alone on one
+        thread left the others idle behind it), at most 2 items per worker in flight."""
+        numel = xs[0].numel()
+        if not info.elementwise or numel <= PART_ELEMS:
+            inflight.append((key, pool.submit(merge_key, (key, xs, b, dtype, None)), None))
+            collect(2 * workers)
+            return
+        flat = [x.reshape(-1) for x in xs]
+        fb = b.reshape(-1) if b is not None else None
+        whole = torch.empty(xs[0].shape, dtype=dtype, device=xs[0].device)
+        fo = whole.view(-1)
+        for a in range(0, numel, PART_ELEMS):
+            e = min(numel, a + PART_ELEMS)
+            part = ([f[a:e] for f in flat], fb[a:e] if fb is not None else None, dtype, fo[a:e])
+            inflight.append((key, pool.submit(merge_key, (key, *part)), whole if e == numel else False))
+            collect(2 * workers)
+
+    def collect(left: int):  # the oldest items done, until `left` are in flight (errors in key order)
         while len(inflight) > left:
-            key, item = inflight.popleft()
+            key, item, whole = inflight.popleft()
             pool.wait_for(item)
-            keep([(key, *item.result())])
+            out, record = item.result()
+            if whole is None:
+                keep([(key, out, record)])
+            elif whole is not False:  # a large key's last range
+                keep([(key, whole, record)])
 
     with intra_op_threads(1 if pool is not None else None):
         try:
@@ -322,10 +348,9 @@ def _tensor_pass(merged, sources, base, keys, info, w, strength, scope, params, 
                 if group is not None:
                     keep(group.add(xs, b, key=key, out_dtype=dtype))
                 elif pool is None:
-                    keep([(key, *merge_key((key, xs, b, dtype)))])
+                    keep([(key, *merge_key((key, xs, b, dtype, None)))])
                 else:  # at most 2 per worker in flight: each holds its inputs and its result
-                    inflight.append((key, pool.submit(merge_key, (key, xs, b, dtype))))
-                    collect(2 * workers)
+                    submit(key, xs, b, dtype)
                 progress(j + 1)  # may raise: ComfyUI's Cancel
             if group is not None:
                 keep(group.finish())

@@ -123,10 +123,24 @@ def _select(rows: list, spare: torch.Tensor, steps, free: list | None = None, la
 
 def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor | None = None, *,
                    strength: float = 1.0, chunk_elems: int | None = None, key: str = "tensor",
-                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted coordinate-wise median of xs, on xs[0].device, in out_dtype (default the compute
     dtype: fp32, fp64 for fp64 inputs; either way the compute dtype's result rounded once).
+    out: a tensor of xs[0]'s shape and out_dtype to write it into (returned); each entry's result
+    depends only on that entry, so the engine merges a large key in ranges on several threads.
     NaN/Inf in an input is refused naming the key and the model (a median would hide it)."""
+    if out is not None and len(xs):
+        want = out_dtype or compute_dtype(*xs, base)
+        if out.dtype != want or out.shape != xs[0].shape:
+            raise MergeInputError(f"element_median: out is {out.dtype} {tuple(out.shape)}, the result {want} "
+                                  f"{tuple(xs[0].shape)}")
+    got = _element_median(xs, weights, base, strength, chunk_elems, key, out_dtype, out)
+    if out is None or got is out:
+        return got
+    return out.copy_(got)
+
+
+def _element_median(xs, weights, base, strength, chunk_elems, key, out_dtype, given):
     n = len(xs)
     if n == 0:
         raise MergeInputError("element_median: no input tensors")
@@ -155,7 +169,10 @@ def element_median(xs: Sequence[torch.Tensor], weights=None, base: torch.Tensor 
     numel = xs[0].numel()
     # written in the output dtype chunk by chunk where the median is the result (no task scaling)
     direct = odt in WRITABLE and (base is None or lam == 1.0)
-    out = torch.empty(xs[0].shape, dtype=odt if direct else cdt, device=dev)
+    if given is not None and direct:
+        out = given
+    else:
+        out = torch.empty(xs[0].shape, dtype=odt if direct else cdt, device=dev)
     if numel == 0:
         return out.to(odt)
     fo = out.view(-1)

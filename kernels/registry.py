@@ -3,7 +3,8 @@
 Linear methods return coefficients (a solver on Grams); tensor methods return a tensor per key
 (`merge_tensors(xs, *, base, weights, strength, out_dtype, **params) -> (tensor, record)`, the
 tensor in out_dtype: the model's, so no full-size fp32 result is made); one whose keys are best
-solved together also has a `tensor_group`, which the engine uses. Each method's math and
+solved together also has a `tensor_group`, which the engine uses; an `elementwise` one also takes
+`out=` (a tensor to write the result into), and the engine may merge a key in ranges. Each method's math and
 references are in its module's docstring (MethodInfo.doc).
 """
 from __future__ import annotations
@@ -36,6 +37,9 @@ class MethodInfo:
     merge_tensors: Callable | None = None
     # keys added one by one, finished together (their Grams solved in one batch): SignElectedGroup
     tensor_group: Callable | None = None
+    # merge_tensors' result at an entry depends only on the inputs there: the engine may merge a
+    # key in ranges, each written into the key's output (merge_tensors' `out`)
+    elementwise: bool = False
     defaults: dict = field(default_factory=dict)
     needs_base: bool = False
     needs_gram: bool = True
@@ -43,9 +47,9 @@ class MethodInfo:
 
 
 def _element_merge(xs, *, base=None, weights=None, strength=1.0, chunk_elems=None, key="tensor", out_dtype=None,
-                   **_ignored):
+                   out=None, **_ignored):
     return _em.element_median(xs, weights, base, strength=strength, chunk_elems=chunk_elems, key=key,
-                              out_dtype=out_dtype), {}
+                              out_dtype=out_dtype, out=out), {}
 
 
 def _sign_merge(xs, *, base=None, weights=None, strength=1.0, **params):
@@ -65,7 +69,7 @@ REGISTRY: dict[str, MethodInfo] = {
         defaults=dict(_ka.DEFAULTS), doc=_ka.__doc__),
     "element_median": MethodInfo(
         "element_median", False, ("element", "tensor"), merge_tensors=_element_merge,
-        needs_gram=False, doc=_em.__doc__),
+        needs_gram=False, elementwise=True, doc=_em.__doc__),
     "sign_elected_median": MethodInfo(
         "sign_elected_median", False, ("tensor",), merge_tensors=_sign_merge, tensor_group=_se.SignElectedGroup,
         defaults=dict(_se.DEFAULTS), needs_base=True, needs_gram=False, doc=_se.__doc__),

@@ -58,17 +58,13 @@ from .errors import MergeInputError
 from .gram import (TINY_GRAM, block_products, chunk_products, compute_dtype, default_chunk, finish_products,
                    locate_nonfinite, map_pivoted, rescale_exponent, scale_pow2_, scratch)
 from .inputs import check_params, check_weights
-from .threads import WorkerThreads, intra_op_threads
+from .threads import PART_ELEMS, WorkerThreads, intra_op_threads
 
 DEFAULTS = {"drop_rate": 0.0, "seed": 0, **gm.DEFAULTS}
 TIE = 2.0 ** -18  # relative: above the fp32 election sum's rounding for up to 12 inputs (~13·2^-24)
 DROP_CPU_CHUNK = 1 << 16  # with a drop, the hash's int32 rows of a chunk then stay in L2 (~15% faster)
 KEPT_MASK_BYTES = 1 << 27  # drop masks up to this size (a byte per entry and input) are kept for the combine
 GROUP_ELEMS = 1 << 24  # entries of the keys a SignElectedGroup solves together (a larger key: alone)
-# entries of a key per worker item (whole chunks): SD1.5's largest keys (14.7M entries) are about one
-# per group, and as one item each they kept one core busy of many. A quarter of SD1.5's keys, 3
-# inputs + base, 2 threads: fp16 2.74 -> 2.20 s (2^20: 2.35), fp32 3.26 -> 2.68, drop 0.3 7.34 -> 6.40
-PART_ELEMS = 1 << 21
 
 
 # Opt-in fused CPU loops (BARYCENTER_CPU_KERNELS=fused, fused.py) for 2..fused.MAX_INPUTS inputs
@@ -225,7 +221,7 @@ class SignElectedGroup:
     def __init__(self, n: int, weights=None, *, strength: float = 1.0, drop_rate: float = 0.0, seed: int = 0,
                  tol: float = gm.DEFAULTS["tol"], max_iter: int = gm.DEFAULTS["max_iter"],
                  eps: float = gm.DEFAULTS["eps"], chunk_elems: int | None = None, budget: int = GROUP_ELEMS,
-                 workers: WorkerThreads | None = None, part_elems: int = PART_ELEMS):
+                 workers: WorkerThreads | None = None, part_elems: int | None = None):
         if n == 0:
             raise MergeInputError("sign_elected_median: no input tensors")
         p = float(drop_rate)
@@ -243,12 +239,13 @@ class SignElectedGroup:
             raise MergeInputError(f"strength must be finite; got {strength}")
         self.n, self.p, self.seed = n, p, int(seed)
         self.w = check_weights(weights if weights is not None else torch.ones(n), n)
-        self.chunk_elems, self.budget, self.part_elems = chunk_elems, int(budget), int(part_elems)
+        self.chunk_elems, self.budget, self.part_elems = chunk_elems, int(budget), int(part_elems or PART_ELEMS)
         self.pending: list[_Key] = []
         self.used = 0       # entries of the pending keys (their signs' offset in the buffer)
         self.capacity = 0   # entries the signs buffer holds for this batch of keys
         self.drop_masks = None  # (n * entries,) uint8: the pending keys' drop masks
-        # each key's Gram pass and combine as items of up to part_elems entries on these threads
+        # each key's Gram pass and combine as items of up to part_elems entries (whole chunks) on
+        # these threads
         # (the caller sets one intra-op thread); None: in the caller, as they come
         self.pool = workers
 
