@@ -393,3 +393,27 @@ def test_sign_elected_group_raises_the_first_bad_key(workers):
         keys[j][1][2][5] = float("nan")
     with intra_op_threads(1), pytest.raises(MergeInputError, match="key 'k1': model_3 contains NaN"):
         _run_group(keys, dict(drop_rate=0.0, seed=0), workers, budget=1 << 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_element_median_in_ranges_written_into_out_gives_the_whole_key_bits(dtype):
+    """The engine's split of a large key: element_median over ranges of the flat inputs, each written
+    into its range of one output (out=), equals the whole key's result (equal, whole-number and
+    other weights; with a base at strength 1 and 0.8; identical inputs); a wrong out is refused."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(40, 77, generator=g)
+    xs = [(base + 0.1 * torch.randn(40, 77, generator=g)).to(dtype if dtype.itemsize > 1 else torch.float16)
+          for _ in range(4)]
+    cases = [(xs, w, b, lam) for w in (None, [1, 1, 1, 2], [0.3, 0.1, 0.45, 0.15])
+             for b, lam in ((None, 1.0), (base, 1.0), (base, 0.8))] + [([xs[0]] * 3, None, base, 0.8)]
+    for inputs, w, b, lam in cases:
+        want = element_median(inputs, w, b, strength=lam, out_dtype=dtype, chunk_elems=500)
+        out = torch.full(base.shape, float("nan")).to(dtype)
+        flat, fo = [x.reshape(-1) for x in inputs], out.view(-1)
+        for a in range(0, base.numel(), 700):
+            part = element_median([f[a:a + 700] for f in flat], w, None if b is None else b.reshape(-1)[a:a + 700],
+                                  strength=lam, out_dtype=dtype, chunk_elems=500, out=fo[a:a + 700])
+            assert part.data_ptr() == fo[a:].data_ptr()
+        assert torch.equal(out.float(), want.float()), (w, lam)
+    with pytest.raises(MergeInputError, match="out is torch.float64"):
+        element_median(xs, out=torch.empty(base.shape, dtype=torch.float64), out_dtype=dtype)
