@@ -86,3 +86,31 @@ def test_nan_in_a_later_range_names_the_input_and_key(loaded, monkeypatch):
     with pytest.raises(Exception, match=f"key '{key}': model_2 contains NaN"):
         _merge(loaded, *MERGES[0], models=[inputs[0], bad, inputs[2]])
     assert not torch.isnan(inputs[1].model.state_dict()[key]).any()
+
+
+@pytest.mark.parametrize("node,settings", [MERGES[0], MERGES[2]])
+def test_cancel_while_ranges_are_queued_ends_the_workers(loaded, monkeypatch, node, settings):
+    """ComfyUI's Cancel at the 40th key, with ranges of 8192 queued on 3 workers: the merge raises
+    ComfyUI's interrupt, no worker thread is left, and the next merge gives the whole-key bits."""
+    import threading
+
+    import comfy.model_management as mm
+
+    api = loaded[0]
+    _split(monkeypatch, loaded, 1 << 40, 1)
+    whole, _ = _merge(loaded, node, settings)
+    _split(monkeypatch, loaded, 8192, 3)
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 40:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    monkeypatch.setattr(api, "check_interrupted", check)
+    with pytest.raises(mm.InterruptProcessingException):
+        _merge(loaded, node, settings)
+    assert not [t for t in threading.enumerate() if t.name.startswith("gram-")]
+    got, _ = _merge(loaded, node, settings)
+    assert all(torch.equal(got[k], v) for k, v in whole.items())
