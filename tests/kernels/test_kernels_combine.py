@@ -196,6 +196,27 @@ def test_element_median_task_mode_and_exact_values():
     assert torch.equal(element_median([same, same.clone(), same.clone()], None, torch.randn(64)), same)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.float8_e4m3fn])
+def test_element_median_task_scaling_per_chunk_is_the_formula_to_the_bit(dtype, out_dtype):
+    """With a base and strength λ != 1 each chunk's median is scaled in the compute dtype as it is
+    made: base + λ(median - base), rounded once to the output dtype, to the bit of that formula on
+    the whole key (every weight plan: one model decides, one middle, two middles, a model of weight
+    1/2, weights as repeated inputs, general weights; chunks of 700 and one chunk)."""
+    g = torch.Generator().manual_seed(8)
+    base = (torch.randn(3001, generator=g) * 0.05).to(dtype)
+    for w, n in (([3, 1, 1], 3), (None, 3), (None, 4), ([2, 1, 1], 3), ([1, 1, 1, 2], 4),
+                 ([0.3, 0.1, 0.45, 0.15], 4)):
+        xs = [(base.float() + 0.01 * torch.randn(3001, generator=g)).to(dtype) for _ in range(n)]
+        med = element_median(xs, w)
+        b = base.float()
+        for lam in (0.8, -0.5, 2.0):
+            want = (b + lam * (med - b)).to(out_dtype or torch.float32)
+            for chunk in (700, None):
+                got = element_median(xs, w, base, strength=lam, chunk_elems=chunk, out_dtype=out_dtype)
+                assert got.dtype == want.dtype and torch.equal(got.float(), want.float()), (w, n, lam, chunk)
+
+
 def _sign_elected_reference(xs, base, w, p=0.0, masks=None):
     taus = torch.stack([(x.double() - base.double()).reshape(-1) for x in xs])
     if masks is not None:
