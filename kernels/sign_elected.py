@@ -245,8 +245,7 @@ class SignElectedGroup:
         self.capacity = 0   # entries the signs buffer holds for this batch of keys
         self.drop_masks = None  # (n * entries,) uint8: the pending keys' drop masks
         # each key's Gram pass and combine as items of up to part_elems entries (whole chunks) on
-        # these threads
-        # (the caller sets one intra-op thread); None: in the caller, as they come
+        # these threads (the caller sets one intra-op thread); None: in the caller, as they come
         self.pool = workers
 
     def add(self, xs: Sequence[torch.Tensor], base: torch.Tensor, *, key: str = "",
