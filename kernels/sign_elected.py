@@ -452,7 +452,8 @@ class _Key:
     def _eager_gram_items(self, start: int, exp2: int = 0) -> list:
         """Products (per chunk) and kept counts (per range) of the entries [start, numel) eagerly,
         into fresh rows; exp2: rows scaled by 2^-exp2 (the rare rescaled recompute)."""
-        n, r = len(self.flat), len(self.flat) - 1 + (len(self.flat) == 1)
+        n = len(self.flat)
+        r = n - 1 + (n == 1)  # the centred block's rows (one input: the pivot row alone)
         ranges = self._ranges(start)
         self.parts = torch.zeros(max(1, -(-(self.numel - start) // self.chunk)), r, r, dtype=self.cdt,
                                  device=self.flat[0].device)
